@@ -1,0 +1,87 @@
+"""What a model family must provide for sftool to split it.
+
+The split is taken *after* the embedding stage: the device runs ``embed`` and blocks 0..k-1,
+the server calls blocks k..L-1 directly with the same context (additive mask, position ids,
+rotary embeddings). Activations are never fed back as ``inputs_embeds``: GPT-2 would add its
+position embeddings twice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left and right padding give the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + key-padding mask [B,1,T,T]: 0 where attending is allowed, the dtype's min elsewhere.
+
+    Both sides build it from the 2D mask with this one function, which is what makes the split
+    forward bit-identical to the unsplit one.
+    """
+    t = attention_mask.shape[-1]
+    idx = torch.arange(t, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # [T,T] query row may see keys up to itself
+    allowed = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class FamilyAdapter(ABC):
+    """Knows where a family keeps its embeddings, blocks and final norm, and how to call a block."""
+
+    #: Name written into manifests.
+    name: str
+    #: transformers ``config.model_type`` values this adapter handles.
+    model_types: tuple[str, ...]
+    #: peft ``target_modules`` used when the user names none.
+    default_lora_targets: tuple[str, ...]
+    #: True where the projections store weights as (in, out), like GPT-2's Conv1D.
+    lora_fan_in_fan_out: bool = False
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The bare transformer (GPT2Model, LlamaModel) inside any wrapper: CausalLM, SeqCls, peft."""
+        if hasattr(model, "get_base_model"):  # peft wrapper
+            model = model.get_base_model()
+        inner = getattr(model, "base_model", model)
+        return inner if inner is not None else model
+
+    @abstractmethod
+    def layers(self, backbone: nn.Module) -> nn.ModuleList: ...
+
+    @abstractmethod
+    def final_norm(self, backbone: nn.Module) -> nn.Module: ...
+
+    @abstractmethod
+    def embedding_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+        """The modules ``embed`` and ``context`` use (and only those: they go into the ONNX file)."""
+
+    @abstractmethod
+    def embed(self, modules: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def context(
+        self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """Keyword arguments every block call needs (mask, and for rotary families cos/sin)."""
+        return {"attention_mask": additive_attention_mask(attention_mask, hidden.dtype)}
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        out = layer(hidden, **context)
+        # Some blocks return a tuple (hidden, attn...), others the tensor alone, depending on version.
+        return out[0] if isinstance(out, tuple) else out
+
+    def num_layers(self, config: Any) -> int:
+        return int(config.num_hidden_layers)
+
+    def hidden_size(self, config: Any) -> int:
+        return int(config.hidden_size)
+
+    def max_positions(self, config: Any) -> int:
+        return int(getattr(config, "max_position_embeddings", 2048))

@@ -1,0 +1,38 @@
+"""Llama (SmolLM2, Llama-3.2 and kin): rotary position embeddings computed once per forward and
+passed to every block, GQA, usually tied input/output embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftool.exporters.families.base import FamilyAdapter
+
+
+class LlamaAdapter(FamilyAdapter):
+    name = "llama"
+    model_types = ("llama",)
+    default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def layers(self, backbone: nn.Module) -> nn.ModuleList:
+        return backbone.layers
+
+    def final_norm(self, backbone: nn.Module) -> nn.Module:
+        return backbone.norm
+
+    def embedding_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+        return {"embed_tokens": backbone.embed_tokens, "rotary_emb": backbone.rotary_emb}
+
+    def embed(self, modules: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return modules["embed_tokens"](input_ids)
+
+    def context(
+        self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        context = super().context(modules, hidden, attention_mask, position_ids)
+        # The server recomputes cos/sin from the same position ids the device used.
+        context["position_embeddings"] = modules["rotary_emb"](hidden, position_ids)
+        context["position_ids"] = position_ids
+        return context

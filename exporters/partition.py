@@ -1,0 +1,88 @@
+"""Cut a transformers model at block k into the frozen device part and the server's block runner."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from sftool.errors import SftoolError
+from sftool.exporters.families.base import FamilyAdapter, position_ids_from_mask
+
+
+def check_split(split: int, num_layers: int) -> None:
+    """A split leaves at least one block on each side."""
+    if not 1 <= split <= num_layers - 1:
+        raise SftoolError(f"split {split} is out of range: the model has {num_layers} blocks, use 1..{num_layers - 1}")
+
+
+class DevicePart(nn.Module):
+    """Embeddings + blocks 0..k-1: (input_ids, attention_mask) -> hidden states [B,T,H].
+
+    It holds only the modules it uses, so the ONNX file carries no server weights.
+    """
+
+    def __init__(self, adapter: FamilyAdapter, backbone: nn.Module, split: int):
+        super().__init__()
+        check_split(split, len(adapter.layers(backbone)))
+        self.adapter = adapter
+        self.split = split
+        self.embeddings = nn.ModuleDict(adapter.embedding_modules(backbone))
+        self.blocks = nn.ModuleList(list(adapter.layers(backbone))[:split])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.adapter.embed(self.embeddings, input_ids, position_ids)
+        context = self.adapter.context(self.embeddings, hidden, attention_mask, position_ids)
+        for block in self.blocks:
+            hidden = self.adapter.run_layer(block, hidden, context)
+        return hidden
+
+
+class BlockRunner(nn.Module):
+    """Runs blocks [start, end) of a backbone on received activations, then (optionally) the final norm.
+
+    The server uses it for everything after the split; it rebuilds the context (mask, positions,
+    rotary cos/sin) from the 2D attention mask exactly as the device did.
+    """
+
+    def __init__(self, adapter: FamilyAdapter, backbone: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        self.embeddings = nn.ModuleDict(adapter.embedding_modules(backbone))
+        self.blocks = adapter.layers(backbone)
+        self.norm = adapter.final_norm(backbone)
+
+    def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        return self.adapter.context(self.embeddings, hidden, attention_mask, position_ids_from_mask(attention_mask))
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, end: int | None = None, norm: bool = True
+    ) -> torch.Tensor:
+        end = len(self.blocks) if end is None else end
+        context = self.context(hidden, attention_mask)
+        for i in range(start, end):
+            hidden = self.adapter.run_layer(self.blocks[i], hidden, context)
+        return self.norm(hidden) if norm and end == len(self.blocks) else hidden
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (name, dtype, shape, bytes).
+
+    The export records it for the device part; the server recomputes it on its own copy of the
+    same layers, so a server that loaded different weights refuses to train on the activations.
+    """
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+        if "inv_freq" in name or "rotary" in name:
+            continue  # derived from the config, not trained weights
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        t = tensor.detach().to(torch.float32).contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()

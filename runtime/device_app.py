@@ -1,0 +1,156 @@
+"""`sftool device`: local data -> tokenizer -> ONNX device layers -> activation stream.
+
+Torch-free by construction: this module and everything it imports use only numpy,
+onnxruntime, pyzmq, msgpack and tokenizers (a test runs it where importing torch fails).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from sftool.errors import SftoolError
+from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
+from sftool.runtime.local_data import TextEncoder, bucketed_batches, iter_epochs, read_examples
+from sftool.runtime.manifest import load_manifest, manifest_sha256
+from sftool.runtime.onnx_model import DeviceModel, choose_variant, cpu_target
+from sftool.runtime.protocol import FP16_MAX, MsgType, batch_arrays, encode
+
+WIRE_DTYPES = ("fp16", "fp32")
+
+
+@dataclass
+class DeviceOptions:
+    artifacts: Path
+    endpoint: str
+    data: Path
+    device_id: str
+    text_fields: Sequence[str] = ("text",)
+    label_field: str = "label"
+    id_field: str = "id"
+    label_names: Sequence[str] | None = None
+    batch_size: int = 8
+    epochs: int = 1
+    precision: str = "auto"
+    wire_dtype: str = "fp16"
+    threads: int | None = None
+    max_len: int | None = None
+    bucket_window: int = 8
+    server_timeout_s: float = 30.0
+    curve: dict[str, bytes] | None = None
+
+
+@dataclass
+class DeviceReport:
+    device_id: str
+    variant: str
+    samples: int
+    batches: int
+    bytes_sent: int
+    compute_s: float
+    wall_s: float
+    resent: int
+    reconnects: int
+    rejected: list[str] = field(default_factory=list)
+    finished_by_server: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def prepare_hidden(hidden: np.ndarray, wire_dtype: str) -> np.ndarray:
+    """Cast activations for the wire. fp16 halves the bytes; a batch with values beyond fp16's
+    range travels as fp32 instead of arriving as Inf."""
+    if wire_dtype == "fp16" and np.abs(hidden).max(initial=0.0) < FP16_MAX:
+        return hidden.astype(np.float16)
+    return hidden.astype(np.float32, copy=False)
+
+
+def run_device(
+    opts: DeviceOptions,
+    on_start: Callable[[int, str], None] | None = None,
+    on_ack: Callable[[int], None] | None = None,
+) -> DeviceReport:
+    """Stream every local example through the device layers to the server; return totals.
+
+    ``on_start(total_samples, description)`` and ``on_ack(samples)`` let a UI show progress.
+    """
+    if opts.wire_dtype not in WIRE_DTYPES:
+        raise SftoolError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
+    if opts.epochs < 1:
+        raise SftoolError("--epochs must be >= 1")
+    started = time.perf_counter()
+    manifest = load_manifest(opts.artifacts)
+    variant = choose_variant(manifest, opts.precision)
+    model = DeviceModel(opts.artifacts, manifest, variant, threads=opts.threads)
+    max_len = min(opts.max_len or manifest.max_seq_len, manifest.max_seq_len)
+    if opts.batch_size > manifest.max_batch:
+        raise SftoolError(f"--batch-size {opts.batch_size} exceeds the export's max batch {manifest.max_batch}")
+    encoder = TextEncoder(Path(opts.artifacts) / manifest.tokenizer_file, max_len, manifest.pad_token_id)
+    examples = read_examples(opts.data, opts.text_fields, opts.label_field, opts.id_field, opts.label_names)
+    plan = bucketed_batches(encoder.lengths([e.text for e in examples]), opts.batch_size, opts.bucket_window)
+
+    precision_label = f"{variant.precision}/{variant.target}"
+    client = DeviceClient(
+        ClientConfig(
+            endpoint=opts.endpoint,
+            device_id=opts.device_id,
+            manifest_sha256=manifest_sha256(opts.artifacts),
+            split=manifest.split,
+            precision=precision_label,
+            wire_dtype=opts.wire_dtype,
+            epochs=opts.epochs,
+            num_samples=len(examples) * opts.epochs,
+            server_timeout_s=opts.server_timeout_s,
+            curve=opts.curve,
+        )
+    )
+    try:
+        client.connect()
+    except TimeoutError as exc:
+        raise SftoolError(f"cannot reach the server: {exc}") from None
+    skip = client.report.skip_epochs
+    total = len(examples) * (opts.epochs - len([e for e in skip if e < opts.epochs]))
+    if on_start:
+        on_start(total, f"{opts.device_id} [{precision_label} on {cpu_target()}]")
+
+    compute_s = 0.0
+
+    def batches() -> Iterator[OutgoingBatch]:
+        nonlocal compute_s
+        for seq, (epoch, idx) in enumerate(iter_epochs(plan, opts.epochs, skip)):
+            rows = [examples[i] for i in idx]
+            t0 = time.perf_counter()
+            ids, mask = encoder.encode([r.text for r in rows])
+            hidden = prepare_hidden(model.forward(ids, mask), opts.wire_dtype)
+            compute_s += time.perf_counter() - t0
+            arrays = batch_arrays(
+                hidden,
+                mask,
+                np.array([r.label for r in rows], dtype=np.int64),
+                np.array([r.sample_id for r in rows], dtype=np.int64),
+            )
+            frames = encode(MsgType.BATCH, opts.device_id, arrays, seq=seq, epoch=epoch)
+            yield OutgoingBatch(seq, len(rows), frames)
+
+    try:
+        report = client.stream(batches(), on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)
+    finally:
+        client.close()
+    return DeviceReport(
+        device_id=opts.device_id,
+        variant=precision_label,
+        samples=report.samples_acked,
+        batches=report.batches_acked,
+        bytes_sent=report.bytes_sent,
+        compute_s=compute_s,
+        wall_s=time.perf_counter() - started,
+        resent=report.resent,
+        reconnects=report.reconnects,
+        rejected=report.rejected,
+        finished_by_server=report.finished_by_server,
+    )

@@ -1,0 +1,248 @@
+"""The device's ZeroMQ client: handshake, credit-limited streaming, heartbeats, reconnect.
+
+Delivery is at-least-once: a batch stays in memory until the server acknowledges it, and after a
+reconnect every unacknowledged batch is sent again (the server drops duplicates by seq). Memory
+stays bounded because the server's window caps the number of unacknowledged batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import zmq
+
+from sftool.errors import SftoolError
+from sftool.runtime.protocol import ErrorCode, MsgType, ProtocolError, decode_header, encode
+
+
+@dataclass
+class ClientConfig:
+    endpoint: str
+    device_id: str
+    manifest_sha256: str
+    split: int
+    precision: str
+    wire_dtype: str = "float16"
+    epochs: int = 1
+    num_samples: int = -1
+    heartbeat_s: float = 2.0
+    #: Silence from the server for this long triggers a reconnect.
+    server_timeout_s: float = 30.0
+    max_reconnects: int = 5
+    #: How long to wait for the server's answer to HELLO before giving up on that attempt.
+    hello_timeout_s: float = 30.0
+    curve: dict[str, bytes] | None = None  # {"server_public", "public", "secret"} for CurveZMQ
+
+
+@dataclass
+class OutgoingBatch:
+    """A batch ready to send: its seq, number of samples and encoded frames."""
+
+    seq: int
+    samples: int
+    frames: list[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(f) for f in self.frames)
+
+
+@dataclass
+class ClientReport:
+    batches_sent: int = 0
+    batches_acked: int = 0
+    samples_acked: int = 0
+    bytes_sent: int = 0
+    resent: int = 0
+    reconnects: int = 0
+    rejected: list[str] = field(default_factory=list)
+    finished_by_server: str | None = None
+    skip_epochs: list[int] = field(default_factory=list)
+
+
+class DeviceClient:
+    """Streams batches to the server under its credit window."""
+
+    def __init__(self, config: ClientConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self.window = 1
+        self.report = ClientReport()
+        self._last_heard = time.monotonic()
+        self._last_sent = time.monotonic()
+        self._unacked: OrderedDict[int, OutgoingBatch] = OrderedDict()
+
+    # -- connection -------------------------------------------------------------------------
+    def _open(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.config.device_id.encode())
+        if self.config.curve:
+            sock.curve_serverkey = self.config.curve["server_public"]
+            sock.curve_publickey = self.config.curve["public"]
+            sock.curve_secretkey = self.config.curve["secret"]
+        sock.connect(self.config.endpoint)
+        self.sock = sock
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def _send(self, frames: list[Any]) -> None:
+        assert self.sock is not None
+        self.sock.send_multipart(frames, copy=False)
+        self._last_sent = time.monotonic()
+
+    def connect(self) -> dict[str, Any]:
+        """Open the socket, say HELLO and wait for WELCOME. Returns the WELCOME fields."""
+        self._open()
+        c = self.config
+        hello = encode(
+            MsgType.HELLO,
+            c.device_id,
+            manifest_sha256=c.manifest_sha256,
+            split=c.split,
+            precision=c.precision,
+            wire_dtype=c.wire_dtype,
+            num_samples=c.num_samples,
+            epochs=c.epochs,
+        )
+        self._send(hello)
+        deadline = time.monotonic() + c.hello_timeout_s
+        while time.monotonic() < deadline:
+            header, _ = self._recv(timeout_s=min(1.0, max(0.0, deadline - time.monotonic())))
+            if header is None:
+                continue
+            if header.type == MsgType.WELCOME:
+                self.window = max(1, int(header.fields.get("window", 1)))
+                self.report.skip_epochs = [int(e) for e in header.fields.get("skip_epochs", [])]
+                return header.fields
+            if header.type == MsgType.ERROR:
+                self._close()
+                raise SftoolError(f"server refused this device: {header.fields.get('reason', 'no reason given')}")
+        self._close()
+        raise TimeoutError(f"no answer from {c.endpoint} within {c.hello_timeout_s:.0f}s")
+
+    def _recv(self, timeout_s: float):
+        assert self.sock is not None
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None, []
+        frames = self.sock.recv_multipart(copy=True)
+        self._last_heard = time.monotonic()
+        try:
+            return decode_header(frames[0]), frames[1:]
+        except ProtocolError:
+            return None, []  # a server we cannot parse is treated like silence
+
+    def _reconnect(self) -> None:
+        self._close()
+        self.report.reconnects += 1
+        if self.report.reconnects > self.config.max_reconnects:
+            raise SftoolError(
+                f"lost the server at {self.config.endpoint} ({self.config.max_reconnects} reconnects failed); "
+                f"{len(self._unacked)} batches were not acknowledged"
+            )
+        try:
+            self.connect()
+        except TimeoutError:
+            return  # counted; the main loop tries again
+        for batch in self._unacked.values():
+            self._send(batch.frames)
+            self.report.resent += 1
+
+    # -- streaming --------------------------------------------------------------------------
+    def stream(
+        self,
+        batches: Iterable[OutgoingBatch],
+        on_ack: Callable[[OutgoingBatch], None] | None = None,
+    ) -> ClientReport:
+        """Send every batch (computing each only when the window has room) until all are acked.
+
+        ``batches`` is consumed lazily, so a device computes batch n+1 while batch n is in flight
+        and never runs ahead of the server's window.
+        """
+        if self.sock is None:
+            try:
+                self.connect()
+            except TimeoutError as exc:
+                raise SftoolError(f"cannot reach the server: {exc}") from None
+        source: Iterator[OutgoingBatch] = iter(batches)
+        exhausted = False
+        while True:
+            while not exhausted and self.report.finished_by_server is None and len(self._unacked) < self.window:
+                batch = next(source, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                if self.sock is not None:
+                    self._send(batch.frames)
+                self._unacked[batch.seq] = batch
+                self.report.batches_sent += 1
+                self.report.bytes_sent += batch.nbytes
+                self._drain(0.0, on_ack)  # pick up ACKs that arrived while computing
+            if self.report.finished_by_server is not None or (exhausted and not self._unacked):
+                break
+            self._drain(min(self.config.heartbeat_s, 0.5), on_ack)
+            now = time.monotonic()
+            if self.sock is None or now - self._last_heard > self.config.server_timeout_s:
+                self._reconnect()
+            elif now - self._last_sent > self.config.heartbeat_s:
+                self._send(encode(MsgType.HEARTBEAT, self.config.device_id))
+        return self.report
+
+    def _drain(self, timeout_s: float, on_ack: Callable[[OutgoingBatch], None] | None) -> None:
+        """Handle every message waiting (blocking at most ``timeout_s`` for the first)."""
+        if self.sock is None:
+            return
+        header, _ = self._recv(timeout_s)
+        while header is not None:
+            self._handle(header, on_ack)
+            header, _ = self._recv(0.0)
+
+    def _handle(self, header, on_ack) -> None:
+        if header.type == MsgType.ACK:
+            batch = self._unacked.pop(header.fields.get("seq"), None)
+            if batch is not None:  # a duplicate ACK after a resend is harmless
+                self.report.batches_acked += 1
+                self.report.samples_acked += batch.samples
+                if on_ack:
+                    on_ack(batch)
+        elif header.type == MsgType.ERROR:
+            seq = header.fields.get("seq")
+            reason = str(header.fields.get("reason", ""))
+            if seq in self._unacked:
+                # The server dropped this batch as invalid: resending the same bytes cannot help.
+                self._unacked.pop(seq)
+                self.report.rejected.append(f"seq {seq}: {reason}")
+            elif header.fields.get("code") in (ErrorCode.NOT_WELCOMED, ErrorCode.MANIFEST_MISMATCH):
+                # The server restarted and forgot us: say HELLO again, resend what is pending.
+                self._reconnect()
+            else:
+                self.report.rejected.append(reason)
+        elif header.type == MsgType.BYE:
+            self.report.finished_by_server = str(header.fields.get("reason", "done"))
+        elif header.type == MsgType.WELCOME:
+            self.window = max(1, int(header.fields.get("window", self.window)))
+
+    def close(self, send_bye: bool = True, wait_s: float = 2.0) -> None:
+        """Say BYE (with totals) and wait briefly for the server's confirmation."""
+        if self.sock is not None and send_bye and self.report.finished_by_server is None:
+            self._send(
+                encode(
+                    MsgType.BYE,
+                    self.config.device_id,
+                    batches=self.report.batches_acked,
+                    samples=self.report.samples_acked,
+                )
+            )
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                header, _ = self._recv(0.2)
+                if header is not None and header.type == MsgType.BYE:
+                    break
+        self._close()

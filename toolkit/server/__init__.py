@@ -1,0 +1,1 @@
+"""The training server: receiver, mixing buffer, split model, trainer."""

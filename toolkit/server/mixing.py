@@ -1,0 +1,100 @@
+"""The cross-device mixing buffer: training batches are drawn from samples of every device.
+
+With non-IID devices (in the extreme, one label per device) a batch taken from one device's
+stream holds one label and the model chases it; drawing uniformly from a buffer filled by all
+devices gives batches with the global label mix. Memory is bounded by ``capacity`` samples.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("mix", "fifo")
+
+
+@dataclass
+class Sample:
+    hidden: torch.Tensor  # [T_i, H] float32, trimmed after the last real token
+    mask: torch.Tensor  # [T_i] long
+    label: int
+    device: str
+    sample_id: int
+    epoch: int
+    seq: int  # the device batch it came in (acknowledged once all its samples are trained)
+
+
+@dataclass
+class TrainBatch:
+    hidden: torch.Tensor  # [B, T, H]
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B]
+    samples: list[Sample]
+
+
+def collate(samples: list[Sample]) -> TrainBatch:
+    """Right-pad samples to the longest one (padding is masked; causal blocks ignore it)."""
+    longest = max(s.hidden.shape[0] for s in samples)
+    hidden = torch.zeros(len(samples), longest, samples[0].hidden.shape[1], dtype=samples[0].hidden.dtype)
+    mask = torch.zeros(len(samples), longest, dtype=torch.long)
+    for i, s in enumerate(samples):
+        hidden[i, : s.hidden.shape[0]] = s.hidden
+        mask[i, : s.mask.shape[0]] = s.mask
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    return TrainBatch(hidden, mask, labels, samples)
+
+
+class MixingBuffer:
+    """Holds up to ``capacity`` samples; ``draw`` returns a training batch once it may.
+
+    ``mix``: wait until the buffer is full (or the stream has ended), then draw uniformly at
+    random without replacement. ``fifo``: oldest first, as soon as a batch is available — the
+    plain split-learning order, kept for comparison.
+    """
+
+    def __init__(self, batch_size: int, capacity: int, policy: str = "mix", seed: int = 0):
+        if policy not in POLICIES:
+            raise ValueError(f"mixing policy must be one of {POLICIES}")
+        self.batch_size = batch_size
+        self.capacity = max(capacity, batch_size)
+        self.policy = policy
+        self._rng = random.Random(seed)
+        self._samples: list[Sample] = []
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self._samples) < self.capacity
+
+    def add(self, samples: list[Sample]) -> None:
+        self._samples.extend(samples)
+
+    def ready(self, stream_ended: bool) -> bool:
+        if not self._samples:
+            return False
+        if stream_ended:
+            return True
+        if self.policy == "fifo":
+            return len(self._samples) >= self.batch_size
+        return len(self._samples) >= self.capacity
+
+    def draw(self) -> TrainBatch:
+        n = min(self.batch_size, len(self._samples))
+        if self.policy == "fifo":
+            chosen, self._samples = self._samples[:n], self._samples[n:]
+        else:
+            picks = set(self._rng.sample(range(len(self._samples)), n))
+            chosen = [s for i, s in enumerate(self._samples) if i in picks]
+            self._samples = [s for i, s in enumerate(self._samples) if i not in picks]
+        return collate(chosen)
+
+    def device_mix(self) -> dict[str, int]:
+        """How many buffered samples each device has (for the progress line)."""
+        counts: dict[str, int] = {}
+        for s in self._samples:
+            counts[s.device] = counts.get(s.device, 0) + 1
+        return counts

@@ -1,0 +1,342 @@
+"""The server's receiver thread: one ZeroMQ ROUTER socket, every message validated before use.
+
+It owns the socket (ZeroMQ sockets are not thread-safe); the trainer talks to it only through
+the bounded batch queue and a thread-safe notification channel. It never blocks on the trainer:
+when the queue is full it keeps the batch aside and withholds the ACK, which is the device's
+credit, so memory stays bounded by queue size + the devices' windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from sftool.runtime.manifest import Manifest
+from sftool.runtime.protocol import (
+    Batch,
+    BatchSchema,
+    ErrorCode,
+    Header,
+    MsgType,
+    ProtocolError,
+    decode_batch,
+    decode_header,
+    encode,
+)
+
+log = logging.getLogger("sftool.server")
+SERVER_ID = "server"
+
+
+@dataclass
+class AcceptedSplit:
+    """One export the server accepts: its manifest (by hash) and the batch rules derived from it."""
+
+    manifest_sha256: str
+    manifest: Manifest
+    schema: BatchSchema
+
+
+@dataclass
+class DeviceSession:
+    device: str
+    routing_id: bytes
+    split: int
+    precision: str
+    wire_dtype: str
+    connected_at: float
+    last_seen: float
+    #: Every seq accepted from this device (dedupe for at-least-once delivery).
+    seen: set[int] = field(default_factory=set)
+    #: Accepted but not yet acknowledged (waiting for queue space, or for training when sequential).
+    unacked: set[int] = field(default_factory=set)
+    batches: int = 0
+    samples: int = 0
+    bytes_received: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    said_bye: bool = False
+    timed_out: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.said_bye or self.timed_out
+
+
+@dataclass
+class ReceivedBatch:
+    """A validated batch plus where it came from; what the trainer consumes."""
+
+    batch: Batch
+    split: int
+    received_at: float
+
+
+class Receiver(threading.Thread):
+    """Accepts devices, validates their batches and feeds the trainer's queue."""
+
+    def __init__(
+        self,
+        bind: str,
+        accepted: dict[str, AcceptedSplit],
+        batches: "queue.Queue[ReceivedBatch]",
+        window: int = 4,
+        ack_after_training: bool = False,
+        device_timeout_s: float = 120.0,
+        context: zmq.Context | None = None,
+        curve: dict[str, Any] | None = None,
+        skip_epochs: list[int] | None = None,
+    ):
+        super().__init__(name="sftool-receiver", daemon=True)
+        self.accepted = accepted
+        self.queue = batches
+        self.window = 1 if ack_after_training else window
+        self.ack_after_training = ack_after_training
+        self.device_timeout_s = device_timeout_s
+        self.skip_epochs = skip_epochs or []
+        self.session_id = uuid.uuid4().hex[:12]
+        self.sessions: dict[str, DeviceSession] = {}
+        self.errors_sent = 0
+        self.bytes_received = 0
+        self._pending: deque[ReceivedBatch] = deque()
+        self._trained: "queue.SimpleQueue[tuple[str, int]]" = queue.SimpleQueue()
+        self._stop_reason: str | None = None
+        self._header_bytes = 0
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        # A reconnecting device reuses its identity; let the new connection take it over.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Drop (at the transport) any frame larger than the largest valid batch could be.
+        largest = max(a.schema.max_frame_bytes for a in accepted.values())
+        self.sock.setsockopt(zmq.MAXMSGSIZE, largest + 64 * 1024)
+        if curve:
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = curve["secret"]
+            self.sock.curve_publickey = curve["public"]
+        try:
+            self.sock.bind(bind)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            from sftool.errors import SftoolError
+
+            raise SftoolError(f"cannot bind {bind}: {exc}") from None
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- API for the trainer thread ---------------------------------------------------------
+    def mark_trained(self, device: str, seq: int) -> None:
+        """In the sequential schedule, the trainer reports a trained batch; its ACK goes out then."""
+        self._trained.put((device, seq))
+
+    def request_stop(self, reason: str) -> None:
+        """Finish: tell every connected device to stop (BYE with the reason) and end the thread."""
+        self._stop_reason = reason
+
+    def snapshot(self) -> dict[str, DeviceSession]:
+        with self._lock:
+            return {k: DeviceSession(**vars(v)) for k, v in self.sessions.items()}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def all_finished(self, expected_devices: int) -> bool:
+        """Every expected device has said BYE (or went silent) and nothing is left in flight."""
+        with self._lock:
+            done = sum(1 for s in self.sessions.values() if s.finished)
+        return done >= expected_devices and not self._pending
+
+    # -- thread body ------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while self._stop_reason is None:
+                if self.sock.poll(50):
+                    # Handle a burst before housekeeping, but yield regularly.
+                    for _ in range(64):
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_message(frames)
+                self._flush_pending()
+                self._send_trained_acks()
+                self._check_timeouts()
+            self._say_goodbye(self._stop_reason)
+        finally:
+            self.sock.close(linger=500)
+            self._stopped.set()
+
+    def join_stopped(self, timeout: float | None = None) -> None:
+        self._stopped.wait(timeout)
+
+    # -- message handling -------------------------------------------------------------------
+    def _send(self, routing_id: bytes, msg_type: MsgType, **fields: Any) -> None:
+        self.sock.send_multipart([routing_id, *encode(msg_type, SERVER_ID, **fields)])
+
+    def _error(self, routing_id: bytes, code: ErrorCode, reason: str, seq: int | None = None) -> None:
+        self.errors_sent += 1
+        log.warning("rejected a message from %r: %s", routing_id.decode(errors="replace"), reason)
+        fields: dict[str, Any] = {"code": int(code), "reason": reason}
+        if seq is not None:
+            fields["seq"] = seq
+        self._send(routing_id, MsgType.ERROR, **fields)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        routing_id = frames[0].bytes
+        if len(frames) < 2:
+            return self._error(routing_id, ErrorCode.BAD_HEADER, "empty message")
+        self._header_bytes = len(frames[1].buffer)
+        try:
+            header = decode_header(frames[1].buffer)
+            handler = {
+                MsgType.HELLO: self._on_hello,
+                MsgType.BATCH: self._on_batch,
+                MsgType.HEARTBEAT: self._on_heartbeat,
+                MsgType.BYE: self._on_bye,
+            }.get(header.type)
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"a device may not send {header.type.value}")
+            handler(routing_id, header, frames[2:])
+        except ProtocolError as exc:
+            session = self._session_for(routing_id)
+            if session is not None:
+                session.rejected += 1
+            self._error(routing_id, exc.code, exc.reason, exc.seq)
+        except Exception as exc:  # a bug in handling one message must not take the server down
+            log.exception("internal error handling a message")
+            self._error(routing_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _session_for(self, routing_id: bytes) -> DeviceSession | None:
+        for session in self.sessions.values():
+            if session.routing_id == routing_id:
+                return session
+        return None
+
+    def _welcomed(self, routing_id: bytes, header: Header) -> DeviceSession:
+        session = self.sessions.get(header.device)
+        if session is None or session.routing_id != routing_id:
+            raise ProtocolError(ErrorCode.NOT_WELCOMED, f"device {header.device!r} must say HELLO first")
+        session.last_seen = time.monotonic()
+        return session
+
+    def _on_hello(self, routing_id: bytes, header: Header, frames: list) -> None:
+        sha = header.str_field("manifest_sha256", 64)
+        accepted = self.accepted.get(sha)
+        if accepted is None:
+            raise ProtocolError(
+                ErrorCode.MANIFEST_MISMATCH,
+                f"manifest {sha[:12]} is not one this server accepts (export the device artifacts from the "
+                f"same model; accepted splits: {sorted(a.manifest.split for a in self.accepted.values())})",
+            )
+        split = header.int_field("split", 1)
+        if split != accepted.manifest.split:
+            raise ProtocolError(ErrorCode.MANIFEST_MISMATCH, f"split {split} != manifest split {accepted.manifest.split}")
+        now = time.monotonic()
+        with self._lock:
+            session = self.sessions.get(header.device)
+            if session is None:
+                session = DeviceSession(
+                    device=header.device,
+                    routing_id=routing_id,
+                    split=split,
+                    precision=header.str_field("precision", 32, "unknown"),
+                    wire_dtype=header.str_field("wire_dtype", 16, "unknown"),
+                    connected_at=now,
+                    last_seen=now,
+                )
+                self.sessions[header.device] = session
+                log.info("device %s joined: split %d, %s, wire %s", header.device, split, session.precision, session.wire_dtype)
+            else:
+                # A reconnect: keep what we have seen so resent batches are deduplicated.
+                session.routing_id, session.last_seen, session.timed_out = routing_id, now, False
+                session.split = split
+                log.info("device %s reconnected", header.device)
+        self._send(
+            routing_id,
+            MsgType.WELCOME,
+            window=self.window,
+            session=self.session_id,
+            skip_epochs=self.skip_epochs,
+        )
+
+    def _on_batch(self, routing_id: bytes, header: Header, frames: list) -> None:
+        session = self._welcomed(routing_id, header)
+        accepted = next(a for a in self.accepted.values() if a.manifest.split == session.split)
+        buffers = [f.buffer for f in frames]
+        batch = decode_batch(header, buffers, accepted.schema)
+        nbytes = sum(len(b) for b in buffers) + self._header_bytes
+        if batch.seq in session.seen:
+            # A resend after a reconnect: never train it twice; re-ACK unless its ACK is still due.
+            session.duplicates += 1
+            if batch.seq not in session.unacked:
+                self._send(routing_id, MsgType.ACK, seq=batch.seq)
+            return
+        with self._lock:
+            session.seen.add(batch.seq)
+            session.unacked.add(batch.seq)
+            session.batches += 1
+            session.samples += batch.size
+            session.bytes_received += nbytes
+            self.bytes_received += nbytes
+        self._pending.append(ReceivedBatch(batch, session.split, time.monotonic()))
+        self._flush_pending()
+
+    def _on_heartbeat(self, routing_id: bytes, header: Header, frames: list) -> None:
+        self._welcomed(routing_id, header)
+        self._send(routing_id, MsgType.HEARTBEAT)
+
+    def _on_bye(self, routing_id: bytes, header: Header, frames: list) -> None:
+        session = self._welcomed(routing_id, header)
+        with self._lock:
+            session.said_bye = True
+        log.info("device %s finished: %d batches, %d samples", session.device, session.batches, session.samples)
+        self._send(routing_id, MsgType.BYE, reason="bye")
+
+    # -- flow control -----------------------------------------------------------------------
+    def _flush_pending(self) -> None:
+        while self._pending:
+            item = self._pending[0]
+            try:
+                self.queue.put_nowait(item)
+            except queue.Full:
+                return  # backpressure: the ACK (credit) waits until the trainer catches up
+            self._pending.popleft()
+            if not self.ack_after_training:
+                self._ack(item.batch.device, item.batch.seq)
+
+    def _send_trained_acks(self) -> None:
+        while True:
+            try:
+                device, seq = self._trained.get_nowait()
+            except queue.Empty:
+                return
+            self._ack(device, seq)
+
+    def _ack(self, device: str, seq: int) -> None:
+        session = self.sessions.get(device)
+        if session is not None:
+            session.unacked.discard(seq)
+            self._send(session.routing_id, MsgType.ACK, seq=seq)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for session in self.sessions.values():
+                if not session.finished and now - session.last_seen > self.device_timeout_s:
+                    session.timed_out = True
+                    log.warning("device %s silent for %.0fs: counted as gone", session.device, self.device_timeout_s)
+
+    def _say_goodbye(self, reason: str) -> None:
+        for session in self.sessions.values():
+            if not session.finished:
+                self._send(session.routing_id, MsgType.BYE, reason=reason)

@@ -1,0 +1,302 @@
+"""`sftool serve`: receive activation streams from devices and train LoRA on the server layers.
+
+Pipeline: receiver thread (ZeroMQ) -> bounded queue -> this (trainer) thread: ingest into the
+mixing buffer (catching up devices with an earlier split), draw mixed batches, train, report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from sftool.errors import SftoolError
+from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
+from sftool.server.mixing import POLICIES, MixingBuffer, Sample
+from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
+from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
+from sftool.server.trainer import OptimSettings, Trainer
+
+log = logging.getLogger("sftool.server")
+SCHEDULES = ("pipelined", "sequential")
+
+
+@dataclass
+class ServeOptions:
+    source: str
+    artifacts: Sequence[Path]
+    bind: str = "tcp://127.0.0.1:5555"
+    out: Path = Path("runs/latest")
+    num_labels: int = 2
+    label_names: Sequence[str] | None = None
+    devices: int = 1
+    batch_size: int = 16
+    mix_capacity: int = 256
+    mixing: str = "mix"
+    schedule: str = "pipelined"
+    window: int = 4
+    queue_size: int = 16
+    max_steps: int | None = None
+    max_samples: int | None = None
+    device_timeout_s: float = 120.0
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    threads: int | None = None
+
+
+@dataclass
+class Progress:
+    """What the progress line shows; handed to the UI callback."""
+
+    samples: int
+    steps: int
+    loss: float
+    accuracy: float
+    samples_per_s: float
+    queue_depth: int
+    buffered: int
+    devices_connected: int
+    devices_finished: int
+    trainer_idle: float
+
+
+def _load_accepted(opts: ServeOptions) -> dict[str, AcceptedSplit]:
+    accepted: dict[str, AcceptedSplit] = {}
+    for folder in opts.artifacts:
+        manifest = load_manifest(folder)
+        sha = manifest_sha256(folder)
+        if any(a.manifest.split == manifest.split for a in accepted.values()):
+            raise SftoolError(f"two artifacts folders export split {manifest.split}; give one per split")
+        accepted[sha] = AcceptedSplit(sha, manifest, manifest.batch_schema(opts.num_labels))
+    if not accepted:
+        raise SftoolError("give at least one --artifacts folder (the device export this server accepts)")
+    return accepted
+
+
+def _check_model_matches(model: SplitServerModel, manifests: list[tuple[Path, Manifest]]) -> None:
+    for folder, m in manifests:
+        if m.family != model.adapter.name or m.num_layers != model.num_layers or m.hidden_size != model.hidden_size:
+            raise SftoolError(
+                f"{folder} was exported from a {m.family} model with {m.num_layers} blocks of width {m.hidden_size}; "
+                f"the server model is {model.adapter.name} with {model.num_layers} blocks of width {model.hidden_size}"
+            )
+        if model.fingerprints[m.split] != m.weights_fingerprint:
+            raise SftoolError(
+                f"the server's copy of blocks 0..{m.split - 1} differs from the weights exported in {folder}: "
+                "serve the same model the devices were exported from"
+            )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class StreamTrainer:
+    """Drives one training run from a receiver: ingest, mix, step, acknowledge, stop."""
+
+    def __init__(self, opts: ServeOptions, model: SplitServerModel, receiver: Receiver, batches: queue.Queue):
+        self.opts = opts
+        self.model = model
+        self.receiver = receiver
+        self.queue = batches
+        self.trainer = Trainer(model, opts.optim)
+        sequential = opts.schedule == "sequential"
+        # Sequential split learning trains each batch as it comes; waiting to fill a mixing buffer
+        # there would deadlock (devices wait for the ACK that training gives).
+        self.buffer = MixingBuffer(opts.batch_size, opts.mix_capacity, "fifo" if sequential else opts.mixing, opts.seed)
+        self.sequential = sequential
+        self.samples_trained = 0
+        self.idle_s = 0.0
+        self.started = time.perf_counter()
+        self._remaining: dict[tuple[str, int], int] = {}  # (device, seq) -> samples not yet trained
+        self._metrics = open(Path(opts.out) / "metrics.jsonl", "a", buffering=1)
+
+    def ingest(self, item: ReceivedBatch) -> None:
+        b = item.batch
+        hidden = torch.from_numpy(b.hidden.astype("float32"))  # fp16 on the wire, fp32 to train
+        mask = torch.from_numpy(b.attention_mask.astype("int64"))
+        hidden = self.model.catch_up(hidden, mask, item.split)
+        lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1)  # up to the last real token
+        samples = [
+            Sample(hidden[i, : lengths[i]].clone(), mask[i, : lengths[i]].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
+            for i in range(b.size)
+        ]
+        self._remaining[(b.device, b.seq)] = b.size
+        self.buffer.add(samples)
+
+    def _settle(self, samples: list[Sample]) -> None:
+        """Count trained samples per source batch; in the sequential schedule, ACK finished ones."""
+        for s in samples:
+            key = (s.device, s.seq)
+            self._remaining[key] -= 1
+            if self._remaining[key] == 0:
+                del self._remaining[key]
+                if self.sequential:
+                    self.receiver.mark_trained(*key)
+
+    def budget_reached(self) -> bool:
+        o = self.opts
+        return (o.max_steps is not None and self.trainer.step_count >= o.max_steps) or (
+            o.max_samples is not None and self.samples_trained >= o.max_samples
+        )
+
+    def progress(self) -> Progress:
+        sessions = self.receiver.snapshot()
+        elapsed = max(1e-9, time.perf_counter() - self.started)
+        return Progress(
+            samples=self.samples_trained,
+            steps=self.trainer.step_count,
+            loss=self.trainer.recent_loss,
+            accuracy=self.trainer.recent_accuracy,
+            samples_per_s=self.samples_trained / elapsed,
+            queue_depth=self.queue.qsize() + self.receiver.pending,
+            buffered=len(self.buffer),
+            devices_connected=sum(1 for s in sessions.values() if not s.finished),
+            devices_finished=sum(1 for s in sessions.values() if s.finished),
+            trainer_idle=self.idle_s / elapsed,
+        )
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 2.0) -> str:
+        """Train until the budget is reached or every expected device is done. Returns why it stopped."""
+        last_report = time.perf_counter()
+        while True:
+            while self.buffer.has_room:
+                try:
+                    self.ingest(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            ended = self.receiver.all_finished(self.opts.devices) and self.queue.empty()
+            if self.buffer.ready(ended or self.sequential):
+                batch = self.buffer.draw()
+                result = self.trainer.step(batch)
+                self.samples_trained += result.size
+                self._settle(batch.samples)
+                self._metrics.write(json.dumps({"time": time.time(), **asdict(result)}) + "\n")
+                if self.budget_reached():
+                    return "budget reached"
+            elif ended and not len(self.buffer):
+                return "all devices finished"
+            else:
+                t0 = time.perf_counter()
+                try:
+                    self.ingest(self.queue.get(timeout=0.05))
+                except queue.Empty:
+                    pass
+                self.idle_s += time.perf_counter() - t0
+                if not self.receiver.is_alive():
+                    return "receiver stopped"
+            if on_progress and time.perf_counter() - last_report >= progress_every_s:
+                on_progress(self.progress())
+                last_report = time.perf_counter()
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def serve(
+    opts: ServeOptions,
+    on_progress: Callable[[Progress], None] | None = None,
+    log_line: Callable[[str], None] = print,
+) -> dict:
+    """Run the server until done; save the adapter and a summary into ``opts.out``. Returns the summary."""
+    if opts.schedule not in SCHEDULES:
+        raise SftoolError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+    if opts.mixing not in POLICIES:
+        raise SftoolError(f"--mixing must be one of {', '.join(POLICIES)}")
+    if opts.devices < 1 or opts.batch_size < 1 or opts.window < 1 or opts.queue_size < 1:
+        raise SftoolError("--devices, --batch-size, --window and --queue-size must be >= 1")
+    out = Path(opts.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SftoolError(f"cannot create run folder {out}: {exc.strerror}") from None
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    accepted = _load_accepted(opts)
+    manifests = [(Path(f), load_manifest(f, verify_files=False)) for f in opts.artifacts]
+    pad_id = manifests[0][1].pad_token_id
+    log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
+    model = SplitServerModel(
+        SplitModelSpec(opts.source, opts.num_labels, [m.split for _, m in manifests], pad_id, opts.lora)
+    )
+    _check_model_matches(model, manifests)
+    n_train = sum(p.numel() for p in model.trainable_parameters())
+    log_line(f"training blocks {model.train_from}..{model.num_layers - 1} with LoRA r={opts.lora.rank} + head: {n_train:,} trainable parameters")
+
+    batches: queue.Queue[ReceivedBatch] = queue.Queue(maxsize=opts.queue_size)
+    receiver = Receiver(
+        opts.bind,
+        accepted,
+        batches,
+        window=opts.window,
+        ack_after_training=opts.schedule == "sequential",
+        device_timeout_s=opts.device_timeout_s,
+    )
+    _write_json(
+        out / "run.json",
+        {
+            "source": opts.source,
+            "artifacts": [str(p) for p in opts.artifacts],
+            "manifests": {sha: a.manifest.split for sha, a in accepted.items()},
+            "num_labels": opts.num_labels,
+            "label_names": list(opts.label_names) if opts.label_names else None,
+            "options": {k: v for k, v in asdict(opts).items() if k not in ("artifacts", "label_names")},
+        },
+    )
+    receiver.start()
+    log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
+    stream = StreamTrainer(opts, model, receiver, batches)
+    started = time.perf_counter()
+    reason = "interrupted"
+    try:
+        reason = stream.run(on_progress)
+    finally:
+        receiver.request_stop(reason)
+        receiver.join_stopped(timeout=5)
+        stream.close()
+        # Whatever happened, what was trained is kept.
+        model.save_adapter(out / "adapter")
+        summary = _summary(opts, stream, receiver, reason, time.perf_counter() - started)
+        _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _summary(opts: ServeOptions, stream: StreamTrainer, receiver: Receiver, reason: str, wall_s: float) -> dict:
+    sessions = receiver.snapshot()
+    return {
+        "stopped": reason,
+        "samples_trained": stream.samples_trained,
+        "steps": stream.trainer.step_count,
+        "final_loss": stream.trainer.recent_loss,
+        "train_accuracy": stream.trainer.recent_accuracy,
+        "bytes_received": receiver.bytes_received,
+        "wall_s": wall_s,
+        "trainer_idle_fraction": stream.idle_s / max(wall_s, 1e-9),
+        "errors_sent": receiver.errors_sent,
+        "devices": {
+            name: {
+                "split": s.split,
+                "precision": s.precision,
+                "wire_dtype": s.wire_dtype,
+                "batches": s.batches,
+                "samples": s.samples,
+                "bytes": s.bytes_received,
+                "duplicates": s.duplicates,
+                "rejected": s.rejected,
+                "finished": "bye" if s.said_bye else ("timeout" if s.timed_out else "connected"),
+            }
+            for name, s in sessions.items()
+        },
+        "adapter": str(Path(opts.out) / "adapter"),
+    }
