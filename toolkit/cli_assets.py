@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,7 +27,7 @@ def _err(e: SftoolError) -> typer.Exit:
 
 @app.command("fetch")
 def fetch_cmd(
-    only: Annotated[Optional[list[str]], typer.Option(
+    only: Annotated[list[str] | None, typer.Option(
         "--only", metavar="NAME", help="Fetch only this asset (repeatable); see `sftool assets list`.")] = None,
     model: Annotated[bool, typer.Option(
         "--model", help="Also convert the SmolLM2 GGUF into a Hugging Face folder (needs torch).")] = False,
@@ -35,7 +35,7 @@ def fetch_cmd(
         "--tokenizer", help="Also build the GPT-2 fast tokenizer from gpt2.tiktoken.")] = False,
 ) -> None:
     """Download what is missing, verify every file's sha256, and print where each asset is."""
-    progress = lambda msg: typer.echo(msg, err=True)  # noqa: E731 - progress goes to stderr, results to stdout
+    progress = lambda msg: typer.echo(msg, err=True)
     try:
         paths = assets.fetch(only, progress)
         extra: list[tuple[str, str]] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -106,10 +106,10 @@ def split_cmd(
     scheme: Annotated[str, typer.Option(
         "--scheme", help="iid, dirichlet:ALPHA (e.g. dirichlet:0.5) or labels:C (e.g. labels:1).")] = "iid",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the device partition.")] = 0,
-    text_field: Annotated[Optional[list[str]], typer.Option(
+    text_field: Annotated[list[str] | None, typer.Option(
         "--text-field", help="Text field of your file (repeatable; joined with newlines).")] = None,
-    label_field: Annotated[Optional[str], typer.Option("--label-field", help="Label field of your file.")] = None,
-    label_names: Annotated[Optional[str], typer.Option(
+    label_field: Annotated[str | None, typer.Option("--label-field", help="Label field of your file.")] = None,
+    label_names: Annotated[str | None, typer.Option(
         "--label-names", help="Comma-separated label names in id order (default: sorted).")] = None,
     eval_fraction: Annotated[float, typer.Option(
         "--eval-fraction", help="Share of each label held out for eval (fixed seed 0).")] = ds.EVAL_FRACTION,

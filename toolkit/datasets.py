@@ -39,10 +39,10 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +132,7 @@ def load_builtin(name: str, root: Path | None = None) -> list[Example]:
 def _read_hf_split(folder: Path) -> list[dict]:
     """Rows of a ``save_to_disk`` split folder: its data files are Arrow IPC streams, not Arrow files."""
     import pyarrow as pa
-    import pyarrow.ipc as ipc
+    from pyarrow import ipc
 
     state = folder / "state.json"
     if state.is_file():
