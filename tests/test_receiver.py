@@ -1,0 +1,131 @@
+"""The server's receiver on a real ROUTER socket: malformed messages get an ERROR and are dropped,
+other devices keep being served, duplicates are never queued twice, a full queue withholds credit."""
+
+from __future__ import annotations
+
+import queue
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from sftool.runtime.manifest import load_manifest, manifest_sha256
+from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
+from sftool.server.receiver import AcceptedSplit, Receiver
+
+
+@pytest.fixture
+def server(tiny_artifacts):
+    folder = tiny_artifacts("gpt2")
+    manifest = load_manifest(folder)
+    sha = manifest_sha256(folder)
+    batches: queue.Queue = queue.Queue(maxsize=2)
+    receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, batches, window=4)
+    receiver.start()
+    yield receiver, batches, manifest, sha
+    receiver.request_stop("test over")
+    receiver.join_stopped(5)
+
+
+class Device:
+    def __init__(self, endpoint: str, name: str):
+        self.name = name
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, frames):
+        self.sock.send_multipart([bytes(f) for f in frames])
+
+    def recv(self, timeout_ms: int = 3000):
+        assert self.sock.poll(timeout_ms), "no reply from the server"
+        return decode_header(self.sock.recv_multipart()[0])
+
+    def hello(self, sha: str, split: int):
+        self.send(encode(MsgType.HELLO, self.name, manifest_sha256=sha, split=split, precision="fp32/any", wire_dtype="fp16"))
+        reply = self.recv()
+        assert reply.type == MsgType.WELCOME, reply
+        return reply
+
+    def batch(self, seq: int, hidden_size: int, b: int = 2, t: int = 4, dtype=np.float16):
+        hidden = np.ones((b, t, hidden_size), dtype)
+        return encode(MsgType.BATCH, self.name, batch_arrays(hidden, np.ones((b, t), np.uint8), np.zeros(b), np.arange(b)), seq=seq, epoch=0)
+
+
+def test_malformed_messages_get_errors_and_others_keep_being_served(server):
+    receiver, batches, manifest, sha = server
+    good, bad = Device(receiver.endpoint, "good"), Device(receiver.endpoint, "bad")
+    good.hello(sha, manifest.split)
+    bad.hello(sha, manifest.split)
+    h = manifest.hidden_size
+
+    cases = []
+    wrong_shape = bad.batch(1, h + 1)
+    cases.append(("wrong shape", wrong_shape, ErrorCode.BAD_ARRAY))
+    wrong_dtype = encode(MsgType.BATCH, "bad", batch_arrays(np.ones((2, 4, h), np.int64), np.ones((2, 4), np.uint8), np.zeros(2), np.arange(2)), seq=2)
+    cases.append(("wrong dtype", wrong_dtype, ErrorCode.BAD_ARRAY))
+    truncated = [bytes(f) for f in bad.batch(3, h)]
+    truncated[1] = truncated[1][:-7]
+    cases.append(("truncated frame", truncated, ErrorCode.BAD_ARRAY))
+    unknown = [msgpack.packb({"v": 1, "type": "EXPLODE", "device": "bad"})]
+    cases.append(("unknown type", unknown, ErrorCode.UNKNOWN_TYPE))
+    cases.append(("garbage header", [b"\xff\x00garbage"], ErrorCode.BAD_HEADER))
+    cases.append(("server-only type", encode(MsgType.ACK, "bad", seq=1), ErrorCode.UNKNOWN_TYPE))
+
+    for name, frames, code in cases:
+        bad.send(frames)
+        reply = bad.recv()
+        assert reply.type == MsgType.ERROR and reply.fields["code"] == code, name
+        # ... and the well-behaved device is still served after each bad message.
+        seq = len(cases) + cases.index((name, frames, code))
+        good.send(good.batch(seq, h))
+        ack = good.recv()
+        assert ack.type == MsgType.ACK and ack.fields["seq"] == seq, name
+        batches.get(timeout=2)
+
+    assert receiver.is_alive() and batches.empty()
+    assert receiver.snapshot()["bad"].rejected >= 4
+
+
+def test_batch_before_hello_is_refused(server):
+    receiver, _, manifest, _ = server
+    stranger = Device(receiver.endpoint, "stranger")
+    stranger.send(stranger.batch(0, manifest.hidden_size))
+    reply = stranger.recv()
+    assert reply.type == MsgType.ERROR and reply.fields["code"] == ErrorCode.NOT_WELCOMED
+
+
+def test_wrong_manifest_is_refused(server):
+    receiver, _, manifest, _ = server
+    other = Device(receiver.endpoint, "other")
+    other.send(encode(MsgType.HELLO, "other", manifest_sha256="0" * 64, split=manifest.split))
+    reply = other.recv()
+    assert reply.type == MsgType.ERROR and reply.fields["code"] == ErrorCode.MANIFEST_MISMATCH
+
+
+def test_duplicates_are_acked_but_queued_once(server):
+    receiver, batches, manifest, sha = server
+    dev = Device(receiver.endpoint, "dup")
+    dev.hello(sha, manifest.split)
+    frames = dev.batch(0, manifest.hidden_size)
+    for _ in range(3):  # a resend after a reconnect looks exactly like this
+        dev.send(frames)
+        assert dev.recv().type == MsgType.ACK
+    assert batches.get(timeout=2).batch.seq == 0
+    with pytest.raises(queue.Empty):
+        batches.get(timeout=0.3)
+    assert receiver.snapshot()["dup"].duplicates == 2
+
+
+def test_full_queue_withholds_credit_until_there_is_room(server):
+    receiver, batches, manifest, sha = server
+    dev = Device(receiver.endpoint, "fast")
+    dev.hello(sha, manifest.split)
+    for seq in range(3):  # the queue holds 2
+        dev.send(dev.batch(seq, manifest.hidden_size))
+    acks = [dev.recv().fields["seq"] for _ in range(2)]
+    assert acks == [0, 1]
+    assert not dev.sock.poll(300), "the third batch must not be acknowledged while the queue is full"
+    batches.get(timeout=1)
+    assert dev.recv().fields["seq"] == 2
