@@ -13,6 +13,7 @@ import pytest
 
 from cli_helpers import spawn, torch_blocked_env
 from conftest import FAMILIES
+from tiny_models import synthetic_rows, write_jsonl
 
 ROWS, EPOCHS = 300, 3
 
@@ -29,11 +30,12 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
     shards = device_shards(ROWS)
     endpoint = f"tcp://127.0.0.1:{free_port}"
     run = tmp_path / "run"
+    eval_file = write_jsonl(synthetic_rows(100, seed=99), tmp_path / "eval.jsonl")
     started = time.perf_counter()
     server = spawn(
         "serve", "--model", tiny_model(family), "--artifacts", artifacts, "--bind", endpoint, "--out", run,
         "--devices", "2", "--batch-size", "16", "--mix-capacity", "64", "--lr", "3e-3", "--lora-dropout", "0",
-        "--threads", "1",
+        "--threads", "1", "--eval-data", eval_file,
     )
     blocked = torch_blocked_env(tmp_path)
     devices = [
@@ -55,9 +57,13 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
         assert d["samples"] == ROWS * EPOCHS and d["duplicates"] == 0 and d["rejected"] == 0 and d["finished"] == "bye"
     assert summary["errors_sent"] == 0
 
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "correct" in r]
     tail = steps[-len(steps) // 4 :]
     accuracy = sum(s["correct"] for s in tail) / sum(s["size"] for s in tail)
     assert accuracy > 0.9, f"{family}: training accuracy over the last quarter {accuracy:.3f}"
     assert (run / "adapter" / "adapter_config.json").is_file()
+    # Held-out evaluation through the exported device part + the trained server part.
+    assert summary["eval_before"]["n"] == 100 and summary["eval_before"]["step"] == 0
+    assert summary["eval_after"]["accuracy"] > 0.85, summary["eval_after"]
     print(f"{family}: accuracy {accuracy:.3f} over the last {len(tail)} steps, {elapsed:.1f}s end to end")

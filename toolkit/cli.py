@@ -183,6 +183,11 @@ def serve(
     device_timeout: float = typer.Option(120.0, help="Seconds of device silence before it counts as gone."),
     seed: int = typer.Option(0, help="Random seed (mixing draws, head initialisation)."),
     threads: Optional[int] = typer.Option(None, help="torch threads."),
+    eval_data: Optional[Path] = typer.Option(None, help="Held-out JSONL/CSV evaluated before, during and after training."),
+    eval_every: int = typer.Option(0, help="Evaluate every N steps (0: only before and after)."),
+    eval_precision: str = typer.Option("fp32", help="Device variant used for evaluation: fp32, int8 or auto."),
+    text_field: str = typer.Option("text", help="Text field(s) of --eval-data."),
+    label_field: str = typer.Option("label", help="Label field of --eval-data."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
@@ -192,7 +197,7 @@ def serve(
 
     _setup_logging(verbose)
     names = _split_list(label_names)
-    if names and len(names) != num_labels:
+    if names:
         num_labels = len(names)
     opts = ServeOptions(
         source=model,
@@ -215,6 +220,11 @@ def serve(
         lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_list(lora_targets)),
         optim=OptimSettings(lr=lr, warmup_steps=warmup_steps),
         threads=threads,
+        eval_data=eval_data,
+        eval_text_fields=_split_list(text_field) or ["text"],
+        eval_label_field=label_field,
+        eval_every=eval_every,
+        eval_precision=eval_precision,
     )
 
     def show(p) -> None:
@@ -241,6 +251,10 @@ def _print_summary(summary: dict) -> None:
     table.add_row("train accuracy (last 50 steps)", f"{summary['train_accuracy']:.3f}")
     table.add_row("bytes received", f"{summary['bytes_received']:,}")
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    for when in ("before", "after"):
+        result = summary.get(f"eval_{when}")
+        if result:
+            table.add_row(f"eval accuracy {when}", f"{result['accuracy']:.4f} (loss {result['loss']:.4f}, n={result['n']})")
     for name, d in summary["devices"].items():
         table.add_row(f"device {name}", f"split {d['split']}, {d['samples']} samples, {d['bytes']:,} B, {d['finished']}")
     table.add_row("adapter", summary["adapter"])

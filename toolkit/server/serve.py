@@ -18,7 +18,9 @@ from typing import Callable, Sequence
 import torch
 
 from sftool.errors import SftoolError
+from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
+from sftool.server.evaluate import Evaluator
 from sftool.server.mixing import POLICIES, MixingBuffer, Sample
 from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
 from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
@@ -50,6 +52,12 @@ class ServeOptions:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     threads: int | None = None
+    #: Held-out data (JSONL/CSV) evaluated before training, every ``eval_every`` steps, and at the end.
+    eval_data: Path | None = None
+    eval_text_fields: Sequence[str] = ("text",)
+    eval_label_field: str = "label"
+    eval_every: int = 0
+    eval_precision: str = "fp32"
 
 
 @dataclass
@@ -104,8 +112,17 @@ def _write_json(path: Path, data: dict) -> None:
 class StreamTrainer:
     """Drives one training run from a receiver: ingest, mix, step, acknowledge, stop."""
 
-    def __init__(self, opts: ServeOptions, model: SplitServerModel, receiver: Receiver, batches: queue.Queue):
+    def __init__(
+        self,
+        opts: ServeOptions,
+        model: SplitServerModel,
+        receiver: Receiver,
+        batches: queue.Queue,
+        evaluator: Evaluator | None = None,
+    ):
         self.opts = opts
+        self.evaluator = evaluator
+        self.evals: list[dict] = []
         self.model = model
         self.receiver = receiver
         self.queue = batches
@@ -144,6 +161,17 @@ class StreamTrainer:
                 if self.sequential:
                     self.receiver.mark_trained(*key)
 
+    def evaluate(self, log_line: Callable[[str], None] | None = None) -> dict | None:
+        """Evaluate now (if there is held-out data); the result is logged with the step it was taken at."""
+        if self.evaluator is None:
+            return None
+        result = {"step": self.trainer.step_count, "samples": self.samples_trained, **self.evaluator.evaluate().as_dict()}
+        self.evals.append(result)
+        self._metrics.write(json.dumps({"time": time.time(), "eval": result}) + "\n")
+        if log_line:
+            log_line(f"eval at step {result['step']}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} ({result['n']} examples, {result['seconds']:.1f}s)")
+        return result
+
     def budget_reached(self) -> bool:
         o = self.opts
         return (o.max_steps is not None and self.trainer.step_count >= o.max_steps) or (
@@ -166,7 +194,12 @@ class StreamTrainer:
             trainer_idle=self.idle_s / elapsed,
         )
 
-    def run(self, on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 2.0) -> str:
+    def run(
+        self,
+        on_progress: Callable[[Progress], None] | None = None,
+        progress_every_s: float = 2.0,
+        log_line: Callable[[str], None] | None = None,
+    ) -> str:
         """Train until the budget is reached or every expected device is done. Returns why it stopped."""
         last_report = time.perf_counter()
         while True:
@@ -182,6 +215,8 @@ class StreamTrainer:
                 self.samples_trained += result.size
                 self._settle(batch.samples)
                 self._metrics.write(json.dumps({"time": time.time(), **asdict(result)}) + "\n")
+                if self.opts.eval_every and result.step % self.opts.eval_every == 0:
+                    self.evaluate(log_line)
                 if self.budget_reached():
                     return "budget reached"
             elif ended and not len(self.buffer):
@@ -208,13 +243,12 @@ def serve(
     on_progress: Callable[[Progress], None] | None = None,
     log_line: Callable[[str], None] = print,
 ) -> dict:
-    """Run the server until done; save the adapter and a summary into ``opts.out``. Returns the summary."""
-    if opts.schedule not in SCHEDULES:
-        raise SftoolError(f"--schedule must be one of {', '.join(SCHEDULES)}")
-    if opts.mixing not in POLICIES:
-        raise SftoolError(f"--mixing must be one of {', '.join(POLICIES)}")
-    if opts.devices < 1 or opts.batch_size < 1 or opts.window < 1 or opts.queue_size < 1:
-        raise SftoolError("--devices, --batch-size, --window and --queue-size must be >= 1")
+    """Run the server until done; save the adapter and a summary into ``opts.out``. Returns the summary.
+
+    The adapter and summary are written however the run ends (budget, all devices done, Ctrl-C):
+    what was trained is never lost.
+    """
+    _check_options(opts)
     out = Path(opts.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -225,12 +259,12 @@ def serve(
     torch.manual_seed(opts.seed)
     accepted = _load_accepted(opts)
     manifests = [(Path(f), load_manifest(f, verify_files=False)) for f in opts.artifacts]
-    pad_id = manifests[0][1].pad_token_id
     log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
     model = SplitServerModel(
-        SplitModelSpec(opts.source, opts.num_labels, [m.split for _, m in manifests], pad_id, opts.lora)
+        SplitModelSpec(opts.source, opts.num_labels, [m.split for _, m in manifests], manifests[0][1].pad_token_id, opts.lora)
     )
     _check_model_matches(model, manifests)
+    evaluator = _make_evaluator(opts, model, manifests)  # before binding: a bad eval file fails fast
     n_train = sum(p.numel() for p in model.trainable_parameters())
     log_line(f"training blocks {model.train_from}..{model.num_layers - 1} with LoRA r={opts.lora.rank} + head: {n_train:,} trainable parameters")
 
@@ -243,33 +277,60 @@ def serve(
         ack_after_training=opts.schedule == "sequential",
         device_timeout_s=opts.device_timeout_s,
     )
-    _write_json(
-        out / "run.json",
-        {
-            "source": opts.source,
-            "artifacts": [str(p) for p in opts.artifacts],
-            "manifests": {sha: a.manifest.split for sha, a in accepted.items()},
-            "num_labels": opts.num_labels,
-            "label_names": list(opts.label_names) if opts.label_names else None,
-            "options": {k: v for k, v in asdict(opts).items() if k not in ("artifacts", "label_names")},
-        },
-    )
+    _write_json(out / "run.json", _run_record(opts, accepted))
+    stream = StreamTrainer(opts, model, receiver, batches, evaluator)
+    eval_before = stream.evaluate(log_line)
     receiver.start()
     log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
-    stream = StreamTrainer(opts, model, receiver, batches)
     started = time.perf_counter()
     reason = "interrupted"
     try:
-        reason = stream.run(on_progress)
+        reason = stream.run(on_progress, log_line=log_line)
+        if not stream.evals or stream.evals[-1]["step"] != stream.trainer.step_count:
+            stream.evaluate(log_line)
     finally:
         receiver.request_stop(reason)
         receiver.join_stopped(timeout=5)
         stream.close()
-        # Whatever happened, what was trained is kept.
         model.save_adapter(out / "adapter")
         summary = _summary(opts, stream, receiver, reason, time.perf_counter() - started)
+        summary["eval_before"] = eval_before
+        summary["eval_after"] = stream.evals[-1] if len(stream.evals) > (eval_before is not None) else None
+        summary["evals"] = stream.evals
         _write_json(out / "summary.json", summary)
     return summary
+
+
+def _check_options(opts: ServeOptions) -> None:
+    if opts.schedule not in SCHEDULES:
+        raise SftoolError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+    if opts.mixing not in POLICIES:
+        raise SftoolError(f"--mixing must be one of {', '.join(POLICIES)}")
+    if opts.devices < 1 or opts.batch_size < 1 or opts.window < 1 or opts.queue_size < 1:
+        raise SftoolError("--devices, --batch-size, --window and --queue-size must be >= 1")
+    if opts.label_names and len(opts.label_names) != opts.num_labels:
+        raise SftoolError(f"{len(opts.label_names)} label names for {opts.num_labels} labels")
+
+
+def _run_record(opts: ServeOptions, accepted: dict[str, AcceptedSplit]) -> dict:
+    return {
+        "source": opts.source,
+        "artifacts": [str(p) for p in opts.artifacts],
+        "manifests": {sha: a.manifest.split for sha, a in accepted.items()},
+        "num_labels": opts.num_labels,
+        "label_names": list(opts.label_names) if opts.label_names else None,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("artifacts", "label_names")},
+    }
+
+
+def _make_evaluator(opts: ServeOptions, model: SplitServerModel, manifests: list[tuple[Path, Manifest]]) -> Evaluator | None:
+    if opts.eval_data is None:
+        return None
+    folder, manifest = next((f, m) for f, m in manifests if m.split == model.train_from)
+    examples = read_examples(opts.eval_data, opts.eval_text_fields, opts.eval_label_field, label_names=opts.label_names)
+    if any(not 0 <= e.label < opts.num_labels for e in examples):
+        raise SftoolError(f"{opts.eval_data}: labels outside 0..{opts.num_labels - 1}")
+    return Evaluator(model, folder, manifest, examples, precision=opts.eval_precision, threads=opts.threads)
 
 
 def _summary(opts: ServeOptions, stream: StreamTrainer, receiver: Receiver, reason: str, wall_s: float) -> dict:

@@ -1,0 +1,78 @@
+"""Evaluate the full split model on held-out data: the device part exactly as devices run it
+(the exported ONNX, fp32 or int8), then the server part with its current LoRA and head."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
+from sftool.runtime.manifest import Manifest
+from sftool.runtime.onnx_model import DeviceModel, choose_variant
+from sftool.server.split_model import SplitServerModel
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    n: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n, "seconds": self.seconds}
+
+
+class Evaluator:
+    """Accuracy and mean loss of ``model`` on ``examples``, through the device artifacts of its split."""
+
+    def __init__(
+        self,
+        model: SplitServerModel,
+        artifacts: Path,
+        manifest: Manifest,
+        examples: Sequence[Example],
+        precision: str = "fp32",
+        batch_size: int = 32,
+        threads: int | None = None,
+    ):
+        if manifest.split != model.train_from:
+            raise ValueError("evaluation runs the device part of the split the server trains from")
+        self.model = model
+        self.examples = list(examples)
+        self.device = DeviceModel(artifacts, manifest, choose_variant(manifest, precision), threads=threads)
+        self.encoder = TextEncoder(Path(artifacts) / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
+        lengths = self.encoder.lengths([e.text for e in self.examples])
+        self.batches = bucketed_batches(lengths, batch_size, window=len(lengths))
+        self._hidden_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _device_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # The device layers are frozen: their outputs never change, so compute them once.
+        if self._hidden_cache is None:
+            self._hidden_cache = []
+            for idx in self.batches:
+                ids, mask = self.encoder.encode([self.examples[i].text for i in idx])
+                hidden = self.device.forward(ids, mask)
+                self._hidden_cache.append((torch.from_numpy(np.ascontiguousarray(hidden)), torch.from_numpy(mask)))
+        return self._hidden_cache
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        started = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        correct, loss_sum = 0, 0.0
+        for idx, (hidden, mask) in zip(self.batches, self._device_outputs()):
+            labels = torch.tensor([self.examples[i].label for i in idx])
+            logits = self.model(hidden, mask)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        self.model.train(was_training)
+        n = len(self.examples)
+        return EvalResult(correct / max(n, 1), loss_sum / max(n, 1), n, time.perf_counter() - started)
