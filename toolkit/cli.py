@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers, peft) are imported inside the commands tha
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -115,12 +116,14 @@ def device(
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
     max_len: Optional[int] = typer.Option(None, help="Truncate texts to this many tokens (default: the export's limit)."),
     server_timeout: float = typer.Option(30.0, help="Seconds of server silence before reconnecting."),
+    report: Optional[Path] = typer.Option(None, help="Also write the device's totals as JSON to this file."),
 ) -> None:
     """Run the frozen device layers over local data and stream activations to the server (no torch)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sftool.runtime.device_app import DeviceOptions, run_device
 
+    report_path = report
     opts = DeviceOptions(
         artifacts=artifacts,
         endpoint=connect,
@@ -147,6 +150,8 @@ def device(
             on_start=lambda total, desc: bar.update(task, total=total, description=desc),
             on_ack=lambda n: bar.advance(task, n),
         )
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if report.rejected:
         raise SftoolError(f"the server rejected {len(report.rejected)} batch(es): {report.rejected[0]}")
     ending = f" (server: {report.finished_by_server})" if report.finished_by_server else ""
@@ -280,6 +285,14 @@ def _mount_optional_subapps() -> None:
 
 
 _mount_optional_subapps()
+
+try:  # `sftool demo` lives in its own module (it drives the other commands as processes)
+    from sftool.demo import demo_command
+except ModuleNotFoundError as exc:
+    if exc.name != "sftool.demo":
+        raise
+else:
+    app.command("demo")(user_errors(demo_command))
 
 
 def main() -> None:

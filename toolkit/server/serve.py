@@ -133,6 +133,7 @@ class StreamTrainer:
         self.buffer = MixingBuffer(opts.batch_size, opts.mix_capacity, "fifo" if sequential else opts.mixing, opts.seed)
         self.sequential = sequential
         self.samples_trained = 0
+        self.train_s = 0.0
         self.idle_s = 0.0
         self.started = time.perf_counter()
         self._remaining: dict[tuple[str, int], int] = {}  # (device, seq) -> samples not yet trained
@@ -213,6 +214,7 @@ class StreamTrainer:
                 batch = self.buffer.draw()
                 result = self.trainer.step(batch)
                 self.samples_trained += result.size
+                self.train_s += result.seconds
                 self._settle(batch.samples)
                 self._metrics.write(json.dumps({"time": time.time(), **asdict(result)}) + "\n")
                 if self.opts.eval_every and result.step % self.opts.eval_every == 0:
@@ -343,6 +345,8 @@ def _summary(opts: ServeOptions, stream: StreamTrainer, receiver: Receiver, reas
         "train_accuracy": stream.trainer.recent_accuracy,
         "bytes_received": receiver.bytes_received,
         "wall_s": wall_s,
+        "train_compute_s": stream.train_s,
+        "eval_compute_s": sum(e["seconds"] for e in stream.evals),
         "trainer_idle_fraction": stream.idle_s / max(wall_s, 1e-9),
         "errors_sent": receiver.errors_sent,
         "devices": {
