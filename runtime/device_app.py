@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -70,6 +70,41 @@ def prepare_hidden(hidden: np.ndarray, wire_dtype: str) -> np.ndarray:
     return hidden.astype(np.float32, copy=False)
 
 
+class LocalBatches:
+    """The device's batch plan: seq -> (epoch, rows), built on demand (tokenize + ONNX forward).
+
+    Seqs number the batches of all epochs in order, so the same seq always means the same rows;
+    a server that restarted can ask for any of them again.
+    """
+
+    def __init__(self, examples, plan, epochs, skip_epochs, encoder, model, wire_dtype: str, device_id: str):
+        self.examples = examples
+        self.epochs_plan = list(iter_epochs(plan, epochs))
+        self.skip = set(skip_epochs)
+        self.encoder, self.model = encoder, model
+        self.wire_dtype, self.device_id = wire_dtype, device_id
+        self.compute_s = 0.0
+
+    def seqs(self) -> list[int]:
+        return [seq for seq, (epoch, _) in enumerate(self.epochs_plan) if epoch not in self.skip]
+
+    def make(self, seq: int) -> OutgoingBatch:
+        epoch, idx = self.epochs_plan[seq]
+        rows = [self.examples[i] for i in idx]
+        started = time.perf_counter()
+        ids, mask = self.encoder.encode([r.text for r in rows])
+        hidden = prepare_hidden(self.model.forward(ids, mask), self.wire_dtype)
+        self.compute_s += time.perf_counter() - started
+        arrays = batch_arrays(
+            hidden,
+            mask,
+            np.array([r.label for r in rows], dtype=np.int64),
+            np.array([r.sample_id for r in rows], dtype=np.int64),
+        )
+        frames = encode(MsgType.BATCH, self.device_id, arrays, seq=seq, epoch=epoch)
+        return OutgoingBatch(seq, len(rows), frames)
+
+
 def run_device(
     opts: DeviceOptions,
     on_start: Callable[[int, str], None] | None = None,
@@ -118,27 +153,9 @@ def run_device(
     if on_start:
         on_start(total, f"{opts.device_id} [{precision_label} on {cpu_target()}]")
 
-    compute_s = 0.0
-
-    def batches() -> Iterator[OutgoingBatch]:
-        nonlocal compute_s
-        for seq, (epoch, idx) in enumerate(iter_epochs(plan, opts.epochs, skip)):
-            rows = [examples[i] for i in idx]
-            t0 = time.perf_counter()
-            ids, mask = encoder.encode([r.text for r in rows])
-            hidden = prepare_hidden(model.forward(ids, mask), opts.wire_dtype)
-            compute_s += time.perf_counter() - t0
-            arrays = batch_arrays(
-                hidden,
-                mask,
-                np.array([r.label for r in rows], dtype=np.int64),
-                np.array([r.sample_id for r in rows], dtype=np.int64),
-            )
-            frames = encode(MsgType.BATCH, opts.device_id, arrays, seq=seq, epoch=epoch)
-            yield OutgoingBatch(seq, len(rows), frames)
-
+    batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id)
     try:
-        report = client.stream(batches(), on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)
+        report = client.stream(batches, on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)
     finally:
         client.close()
     return DeviceReport(
@@ -147,7 +164,7 @@ def run_device(
         samples=report.samples_acked,
         batches=report.batches_acked,
         bytes_sent=report.bytes_sent,
-        compute_s=compute_s,
+        compute_s=batches.compute_s,
         wall_s=time.perf_counter() - started,
         resent=report.resent,
         reconnects=report.reconnects,

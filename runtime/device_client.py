@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Protocol, Sequence
 
 import zmq
 
@@ -50,6 +50,34 @@ class OutgoingBatch:
         return sum(len(f) for f in self.frames)
 
 
+class BatchPlan(Protocol):
+    """A device's batches, addressable by seq, so any of them can be rebuilt after a server restart.
+
+    Batch contents must be a pure function of the seq (the device's data and bucketing are
+    deterministic); ``make`` does the compute (tokenize + ONNX forward).
+    """
+
+    def seqs(self) -> Sequence[int]: ...
+
+    def make(self, seq: int) -> OutgoingBatch: ...
+
+
+def ranges_to_set(ranges: Sequence[Sequence[int]]) -> set[int]:
+    """[[start, end), ...] -> the set of ints they cover (WELCOME's compact ``done_seqs``)."""
+    return {i for start, end in ranges for i in range(int(start), int(end))}
+
+
+def set_to_ranges(values: set[int]) -> list[list[int]]:
+    """The inverse of ``ranges_to_set``: sorted half-open ranges."""
+    out: list[list[int]] = []
+    for v in sorted(values):
+        if out and out[-1][1] == v:
+            out[-1][1] = v + 1
+        else:
+            out.append([v, v + 1])
+    return out
+
+
 @dataclass
 class ClientReport:
     batches_sent: int = 0
@@ -75,6 +103,10 @@ class DeviceClient:
         self._last_heard = time.monotonic()
         self._last_sent = time.monotonic()
         self._unacked: OrderedDict[int, OutgoingBatch] = OrderedDict()
+        self._session: str | None = None
+        self._done: set[int] = set()  # seqs the server says are already trained (after its restart)
+        self._restarted = False
+        self._acked: dict[int, int] = {}  # seq -> samples, acknowledged by the current server
 
     # -- connection -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -119,14 +151,24 @@ class DeviceClient:
             if header is None:
                 continue
             if header.type == MsgType.WELCOME:
-                self.window = max(1, int(header.fields.get("window", 1)))
-                self.report.skip_epochs = [int(e) for e in header.fields.get("skip_epochs", [])]
+                self._on_welcome(header.fields)
                 return header.fields
             if header.type == MsgType.ERROR:
                 self._close()
                 raise SftoolError(f"server refused this device: {header.fields.get('reason', 'no reason given')}")
         self._close()
         raise TimeoutError(f"no answer from {c.endpoint} within {c.hello_timeout_s:.0f}s")
+
+    def _on_welcome(self, fields: dict[str, Any]) -> None:
+        self.window = max(1, int(fields.get("window", 1)))
+        self.report.skip_epochs = [int(e) for e in fields.get("skip_epochs", [])]
+        session = str(fields.get("session", ""))
+        if self._session is not None and session != self._session:
+            # A different server process: what the old one acknowledged but had not trained is
+            # gone with it. It tells us what is trained (from its checkpoint); redo the rest.
+            self._restarted = True
+        self._session = session
+        self._done = ranges_to_set(fields.get("done_seqs", []))
 
     def _recv(self, timeout_s: float):
         assert self.sock is not None
@@ -151,42 +193,51 @@ class DeviceClient:
             self.connect()
         except TimeoutError:
             return  # counted; the main loop tries again
+        if self._restarted:
+            return  # stream() rebuilds its to-do list from the new server's done_seqs
         for batch in self._unacked.values():
             self._send(batch.frames)
             self.report.resent += 1
 
     # -- streaming --------------------------------------------------------------------------
-    def stream(
-        self,
-        batches: Iterable[OutgoingBatch],
-        on_ack: Callable[[OutgoingBatch], None] | None = None,
-    ) -> ClientReport:
-        """Send every batch (computing each only when the window has room) until all are acked.
+    def stream(self, plan: BatchPlan, on_ack: Callable[[OutgoingBatch], None] | None = None) -> ClientReport:
+        """Send every batch of ``plan`` (computing each only when the window has room) until all are acked.
 
-        ``batches`` is consumed lazily, so a device computes batch n+1 while batch n is in flight
-        and never runs ahead of the server's window.
+        Batches are built lazily, so a device computes batch n+1 while batch n is in flight and
+        never runs ahead of the server's window. If the server restarts, the batches it has not
+        trained are rebuilt from the plan and sent again.
         """
         if self.sock is None:
             try:
                 self.connect()
             except TimeoutError as exc:
                 raise SftoolError(f"cannot reach the server: {exc}") from None
-        source: Iterator[OutgoingBatch] = iter(batches)
-        exhausted = False
+        todo = [seq for seq in plan.seqs() if seq not in self._done]
+        position = 0
         while True:
-            while not exhausted and self.report.finished_by_server is None and len(self._unacked) < self.window:
-                batch = next(source, None)
-                if batch is None:
-                    exhausted = True
-                    break
+            if self._restarted:
+                # Everything not trained by the new server's reckoning is redone, including batches
+                # the old process acknowledged but never trained.
+                self._restarted = False
+                redo = (set(self._acked) | set(self._unacked)) - self._done
+                self.report.resent += len(redo)
+                self._acked = {seq: n for seq, n in self._acked.items() if seq in self._done}
+                self._unacked.clear()
+                todo = [seq for seq in plan.seqs() if seq not in self._done]
+                position = 0
+            while position < len(todo) and self.report.finished_by_server is None and len(self._unacked) < self.window:
+                batch = plan.make(todo[position])
+                position += 1
                 if self.sock is not None:
                     self._send(batch.frames)
                 self._unacked[batch.seq] = batch
                 self.report.batches_sent += 1
                 self.report.bytes_sent += batch.nbytes
                 self._drain(0.0, on_ack)  # pick up ACKs that arrived while computing
-            if self.report.finished_by_server is not None or (exhausted and not self._unacked):
-                break
+            if self.report.finished_by_server is not None or (position >= len(todo) and not self._unacked):
+                if not self._restarted:
+                    break
+                continue
             self._drain(min(self.config.heartbeat_s, 0.5), on_ack)
             now = time.monotonic()
             if self.sock is None or now - self._last_heard > self.config.server_timeout_s:
@@ -208,8 +259,9 @@ class DeviceClient:
         if header.type == MsgType.ACK:
             batch = self._unacked.pop(header.fields.get("seq"), None)
             if batch is not None:  # a duplicate ACK after a resend is harmless
-                self.report.batches_acked += 1
-                self.report.samples_acked += batch.samples
+                self._acked[batch.seq] = batch.samples
+                self.report.batches_acked = len(self._acked)
+                self.report.samples_acked = sum(self._acked.values())
                 if on_ack:
                     on_ack(batch)
         elif header.type == MsgType.ERROR:
@@ -227,7 +279,7 @@ class DeviceClient:
         elif header.type == MsgType.BYE:
             self.report.finished_by_server = str(header.fields.get("reason", "done"))
         elif header.type == MsgType.WELCOME:
-            self.window = max(1, int(header.fields.get("window", self.window)))
+            self._on_welcome(header.fields)
 
     def close(self, send_bye: bool = True, wait_s: float = 2.0) -> None:
         """Say BYE (with totals) and wait briefly for the server's confirmation."""

@@ -164,8 +164,8 @@ def device(
 @app.command()
 @user_errors
 def serve(
-    model: str = typer.Option(..., "--model", help="The model the devices were exported from (folder, .gguf, name, hub id)."),
-    artifacts: List[Path] = typer.Option(..., "--artifacts", help="Accepted device export(s); repeat for several splits."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model the devices were exported from (folder, .gguf, name, hub id)."),
+    artifacts: Optional[List[Path]] = typer.Option(None, "--artifacts", help="Accepted device export(s); repeat for several splits."),
     bind: str = typer.Option("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to listen on."),
     out: Path = typer.Option(Path("runs/latest"), "--out", help="Run folder: adapter, metrics, summary."),
     devices: int = typer.Option(1, help="Number of devices expected; the run ends when all said BYE."),
@@ -193,20 +193,27 @@ def serve(
     eval_precision: str = typer.Option("fp32", help="Device variant used for evaluation: fp32, int8 or auto."),
     text_field: str = typer.Option("text", help="Text field(s) of --eval-data."),
     label_field: str = typer.Option("label", help="Label field of --eval-data."),
+    checkpoint_every: int = typer.Option(50, help="Checkpoint every N steps (and always at the end or on SIGTERM)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its latest checkpoint, with its options."),
+    log_samples: bool = typer.Option(False, help="Record every trained sample's (device, epoch, id) in metrics.jsonl."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
-    from sftool.server.serve import ServeOptions, serve as run_serve
+    from dataclasses import replace
+
+    from sftool.server.serve import ServeOptions, load_run_options, serve as run_serve
     from sftool.server.split_model import LoraSettings
     from sftool.server.trainer import OptimSettings
 
     _setup_logging(verbose)
+    if resume is None and (model is None or not artifacts):
+        raise SftoolError("--model and --artifacts are required (unless --resume RUNDIR)")
     names = _split_list(label_names)
     if names:
         num_labels = len(names)
     opts = ServeOptions(
-        source=model,
-        artifacts=artifacts,
+        source=model or "",
+        artifacts=artifacts or [],
         bind=bind,
         out=out,
         num_labels=num_labels,
@@ -230,7 +237,9 @@ def serve(
         eval_label_field=label_field,
         eval_every=eval_every,
         eval_precision=eval_precision,
-    )
+        checkpoint_every=checkpoint_every,
+        log_samples=log_samples,
+    ) if resume is None else replace(load_run_options(resume), resume=True, bind=bind)
 
     def show(p) -> None:
         console.print(

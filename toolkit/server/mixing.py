@@ -60,7 +60,7 @@ class MixingBuffer:
         self.batch_size = batch_size
         self.capacity = max(capacity, batch_size)
         self.policy = policy
-        self._rng = random.Random(seed)
+        self.rng = random.Random(seed)
         self._samples: list[Sample] = []
 
     def __len__(self) -> int:
@@ -87,7 +87,7 @@ class MixingBuffer:
         if self.policy == "fifo":
             chosen, self._samples = self._samples[:n], self._samples[n:]
         else:
-            picks = set(self._rng.sample(range(len(self._samples)), n))
+            picks = set(self.rng.sample(range(len(self._samples)), n))
             chosen = [s for i, s in enumerate(self._samples) if i in picks]
             self._samples = [s for i, s in enumerate(self._samples) if i not in picks]
         return collate(chosen)

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -110,6 +110,9 @@ class Receiver(threading.Thread):
         self._trained: "queue.SimpleQueue[tuple[str, int]]" = queue.SimpleQueue()
         self._stop_reason: str | None = None
         self._header_bytes = 0
+        #: Trained seqs of a device (set by the trainer), sent in WELCOME so a device that comes
+        #: back to a restarted server sends only what still needs training.
+        self.done_seqs_for: Callable[[str], list[list[int]]] = lambda device: []
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self.ctx = context or zmq.Context.instance()
@@ -267,6 +270,7 @@ class Receiver(threading.Thread):
             window=self.window,
             session=self.session_id,
             skip_epochs=self.skip_epochs,
+            done_seqs=self.done_seqs_for(header.device),
         )
 
     def _on_batch(self, routing_id: bytes, header: Header, frames: list) -> None:

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import queue
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ import torch
 from sftool.errors import SftoolError
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
+from sftool.runtime.device_client import ranges_to_set, set_to_ranges
+from sftool.server.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
 from sftool.server.evaluate import Evaluator
 from sftool.server.mixing import POLICIES, MixingBuffer, Sample
 from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
@@ -58,6 +62,12 @@ class ServeOptions:
     eval_label_field: str = "label"
     eval_every: int = 0
     eval_precision: str = "fp32"
+    #: Write a checkpoint every N steps (0: only when the run ends or is terminated).
+    checkpoint_every: int = 50
+    #: Continue the run in ``out`` from its latest checkpoint.
+    resume: bool = False
+    #: Record the (device, epoch, sample id) of every trained sample in metrics.jsonl.
+    log_samples: bool = False
 
 
 @dataclass
@@ -110,7 +120,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class StreamTrainer:
-    """Drives one training run from a receiver: ingest, mix, step, acknowledge, stop."""
+    """Drives one training run from a receiver: ingest, mix, step, acknowledge, checkpoint, stop."""
 
     def __init__(
         self,
@@ -122,7 +132,6 @@ class StreamTrainer:
     ):
         self.opts = opts
         self.evaluator = evaluator
-        self.evals: list[dict] = []
         self.model = model
         self.receiver = receiver
         self.queue = batches
@@ -132,35 +141,93 @@ class StreamTrainer:
         # there would deadlock (devices wait for the ACK that training gives).
         self.buffer = MixingBuffer(opts.batch_size, opts.mix_capacity, "fifo" if sequential else opts.mixing, opts.seed)
         self.sequential = sequential
-        self.samples_trained = 0
+        self.progress_state = TrainingProgress()
         self.train_s = 0.0
         self.idle_s = 0.0
         self.started = time.perf_counter()
+        self.stop_requested: str | None = None
+        self._trained: dict[str, dict[int, set[int]]] = {}  # device -> epoch -> sample ids trained
+        self._done: dict[str, set[int]] = {}  # device -> seqs whose every sample is trained
         self._remaining: dict[tuple[str, int], int] = {}  # (device, seq) -> samples not yet trained
+        self._lock = threading.Lock()
         self._metrics = open(Path(opts.out) / "metrics.jsonl", "a", buffering=1)
 
+    # -- progress shared with the receiver (which runs in another thread) ---------------------
+    def done_seqs(self, device: str) -> list[list[int]]:
+        """Seqs of ``device`` already trained, as ranges: what a device need not send again."""
+        with self._lock:
+            return set_to_ranges(self._done.get(device, set()))
+
+    @property
+    def samples_trained(self) -> int:
+        return self.progress_state.samples_trained
+
+    @property
+    def evals(self) -> list[dict]:
+        return self.progress_state.evals
+
+    def resume(self, folder: Path, log_line: Callable[[str], None]) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG, and what each device has had trained."""
+        state = load_checkpoint(folder, self.model, self.trainer, self.buffer.rng)
+        self.progress_state = state
+        self._trained = {d: {int(e): set(ids) for e, ids in epochs.items()} for d, epochs in state.trained.items()}
+        self._done = {d: ranges_to_set(r) for d, r in state.done_seqs.items()}
+        self._metrics.close()
+        _truncate_metrics(Path(self.opts.out) / "metrics.jsonl", state.step)
+        self._metrics = open(Path(self.opts.out) / "metrics.jsonl", "a", buffering=1)
+        log_line(f"resumed from {folder.name}: step {state.step}, {state.samples_trained} samples trained")
+
+    def checkpoint(self) -> Path:
+        p = self.progress_state
+        p.step = self.trainer.step_count
+        with self._lock:
+            p.trained = {d: {str(e): sorted(ids) for e, ids in epochs.items()} for d, epochs in self._trained.items()}
+            p.done_seqs = {d: set_to_ranges(seqs) for d, seqs in self._done.items()}
+        p.finished_devices = sorted(
+            set(p.finished_devices) | {name for name, s in self.receiver.snapshot().items() if s.said_bye and not self._pending_from(name)}
+        )
+        return save_checkpoint(Path(self.opts.out), self.model, self.trainer, self.buffer.rng, p)
+
+    def _pending_from(self, device: str) -> bool:
+        return any(d == device for d, _ in self._remaining)
+
+    # -- the stream ---------------------------------------------------------------------------
     def ingest(self, item: ReceivedBatch) -> None:
         b = item.batch
-        hidden = torch.from_numpy(b.hidden.astype("float32"))  # fp16 on the wire, fp32 to train
-        mask = torch.from_numpy(b.attention_mask.astype("int64"))
+        already = self._trained.get(b.device, {}).get(b.epoch, set())
+        keep = [i for i in range(b.size) if int(b.sample_ids[i]) not in already]
+        self._remaining[(b.device, b.seq)] = len(keep)
+        if not keep:  # everything in it was trained before a restart
+            self._settle_seq(b.device, b.seq)
+            return
+        hidden = torch.from_numpy(b.hidden[keep].astype("float32"))  # fp16 on the wire, fp32 to train
+        mask = torch.from_numpy(b.attention_mask[keep].astype("int64"))
         hidden = self.model.catch_up(hidden, mask, item.split)
         lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1)  # up to the last real token
-        samples = [
-            Sample(hidden[i, : lengths[i]].clone(), mask[i, : lengths[i]].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
-            for i in range(b.size)
-        ]
-        self._remaining[(b.device, b.seq)] = b.size
-        self.buffer.add(samples)
+        self.buffer.add(
+            [
+                Sample(hidden[j, :n].clone(), mask[j, :n].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
+                for j, (i, n) in enumerate(zip(keep, lengths.tolist()))
+            ]
+        )
 
     def _settle(self, samples: list[Sample]) -> None:
-        """Count trained samples per source batch; in the sequential schedule, ACK finished ones."""
+        """Record trained samples; a device batch is done once all its samples are trained."""
+        with self._lock:
+            for s in samples:
+                self._trained.setdefault(s.device, {}).setdefault(s.epoch, set()).add(s.sample_id)
         for s in samples:
             key = (s.device, s.seq)
             self._remaining[key] -= 1
             if self._remaining[key] == 0:
-                del self._remaining[key]
-                if self.sequential:
-                    self.receiver.mark_trained(*key)
+                self._settle_seq(*key)
+
+    def _settle_seq(self, device: str, seq: int) -> None:
+        del self._remaining[(device, seq)]
+        with self._lock:
+            self._done.setdefault(device, set()).add(seq)
+        if self.sequential:
+            self.receiver.mark_trained(device, seq)
 
     def evaluate(self, log_line: Callable[[str], None] | None = None) -> dict | None:
         """Evaluate now (if there is held-out data); the result is logged with the step it was taken at."""
@@ -195,30 +262,27 @@ class StreamTrainer:
             trainer_idle=self.idle_s / elapsed,
         )
 
+    def _all_finished(self) -> bool:
+        expected = self.opts.devices - len(self.progress_state.finished_devices)
+        return self.receiver.all_finished(expected) and self.queue.empty()
+
     def run(
         self,
         on_progress: Callable[[Progress], None] | None = None,
         progress_every_s: float = 2.0,
         log_line: Callable[[str], None] | None = None,
     ) -> str:
-        """Train until the budget is reached or every expected device is done. Returns why it stopped."""
+        """Train until the budget is reached, every expected device is done, or a stop is requested."""
         last_report = time.perf_counter()
-        while True:
+        while self.stop_requested is None:
             while self.buffer.has_room:
                 try:
                     self.ingest(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            ended = self.receiver.all_finished(self.opts.devices) and self.queue.empty()
+            ended = self._all_finished()
             if self.buffer.ready(ended or self.sequential):
-                batch = self.buffer.draw()
-                result = self.trainer.step(batch)
-                self.samples_trained += result.size
-                self.train_s += result.seconds
-                self._settle(batch.samples)
-                self._metrics.write(json.dumps({"time": time.time(), **asdict(result)}) + "\n")
-                if self.opts.eval_every and result.step % self.opts.eval_every == 0:
-                    self.evaluate(log_line)
+                self._train_one(log_line)
                 if self.budget_reached():
                     return "budget reached"
             elif ended and not len(self.buffer):
@@ -235,9 +299,40 @@ class StreamTrainer:
             if on_progress and time.perf_counter() - last_report >= progress_every_s:
                 on_progress(self.progress())
                 last_report = time.perf_counter()
+        return self.stop_requested
+
+    def _train_one(self, log_line: Callable[[str], None] | None) -> None:
+        batch = self.buffer.draw()
+        result = self.trainer.step(batch)
+        self.progress_state.samples_trained += result.size
+        self.train_s += result.seconds
+        self._settle(batch.samples)
+        record = {"time": time.time(), **asdict(result)}
+        if self.opts.log_samples:
+            record["samples"] = [[s.device, s.epoch, s.sample_id] for s in batch.samples]
+        self._metrics.write(json.dumps(record) + "\n")
+        if self.opts.eval_every and result.step % self.opts.eval_every == 0:
+            self.evaluate(log_line)
+        if self.opts.checkpoint_every and result.step % self.opts.checkpoint_every == 0:
+            self.checkpoint()
 
     def close(self) -> None:
         self._metrics.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines newer than the checkpoint: those steps are undone by resuming."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        at = record.get("step", record.get("eval", {}).get("step", 0))
+        if at <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def serve(
@@ -279,20 +374,29 @@ def serve(
         ack_after_training=opts.schedule == "sequential",
         device_timeout_s=opts.device_timeout_s,
     )
-    _write_json(out / "run.json", _run_record(opts, accepted))
     stream = StreamTrainer(opts, model, receiver, batches, evaluator)
-    eval_before = stream.evaluate(log_line)
+    receiver.done_seqs_for = stream.done_seqs
+    if opts.resume:
+        stream.resume(latest_checkpoint(out), log_line)
+        eval_before = stream.evals[0] if stream.evals else None
+    else:
+        _write_json(out / "run.json", _run_record(opts, accepted))
+        eval_before = stream.evaluate(log_line)
     receiver.start()
     log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
+    restore_signal = _stop_on_sigterm(stream)
     started = time.perf_counter()
     reason = "interrupted"
     try:
         reason = stream.run(on_progress, log_line=log_line)
-        if not stream.evals or stream.evals[-1]["step"] != stream.trainer.step_count:
+        if reason != "terminated" and (not stream.evals or stream.evals[-1]["step"] != stream.trainer.step_count):
             stream.evaluate(log_line)
     finally:
+        restore_signal()
         receiver.request_stop(reason)
         receiver.join_stopped(timeout=5)
+        # Whatever ended the run, what was trained is kept, and it can be resumed.
+        stream.checkpoint()
         stream.close()
         model.save_adapter(out / "adapter")
         summary = _summary(opts, stream, receiver, reason, time.perf_counter() - started)
@@ -301,6 +405,38 @@ def serve(
         summary["evals"] = stream.evals
         _write_json(out / "summary.json", summary)
     return summary
+
+
+def _stop_on_sigterm(stream: StreamTrainer) -> Callable[[], None]:
+    """SIGTERM ends the run cleanly (checkpoint, adapter, summary), like reaching the budget."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame) -> None:
+        stream.stop_requested = "terminated"
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def load_run_options(run_dir: Path) -> ServeOptions:
+    """The options a run was started with (from its run.json), to resume it."""
+    try:
+        record = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise SftoolError(f"{run_dir} is not an sftool run folder (no readable run.json)") from None
+    o = dict(record["options"])
+    o["lora"] = LoraSettings(**o["lora"])
+    o["optim"] = OptimSettings(**o["optim"])
+    o["artifacts"] = [Path(p) for p in record["artifacts"]]
+    o["label_names"] = record.get("label_names")
+    o["out"] = Path(run_dir)
+    for key in ("eval_data",):
+        if o.get(key):
+            o[key] = Path(o[key])
+    known = ServeOptions.__dataclass_fields__
+    return ServeOptions(**{k: v for k, v in o.items() if k in known})
 
 
 def _check_options(opts: ServeOptions) -> None:

@@ -1,0 +1,68 @@
+"""Kill the server mid-run (SIGKILL), resume it from its checkpoint: training continues, the
+devices reconnect and redo only what was not trained, and no sample is trained twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+
+from cli_helpers import spawn
+
+ROWS, EPOCHS = 300, 2
+
+
+def trained_samples(metrics_path):
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return [tuple(s) for r in records if "samples" in r and "correct" in r for s in r["samples"]]
+
+
+def wait_for_step(metrics_path, step: int, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        if metrics_path.exists():
+            steps = [json.loads(line).get("step", 0) for line in metrics_path.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_resume_after_kill_trains_every_sample_once(tiny_model, tiny_artifacts, device_shards, free_port, tmp_path):
+    artifacts = tiny_artifacts("gpt2")
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    run = tmp_path / "run"
+    first = spawn(
+        "serve", "--model", tiny_model("gpt2"), "--artifacts", artifacts, "--bind", endpoint, "--out", run,
+        "--devices", "2", "--batch-size", "16", "--mix-capacity", "32", "--checkpoint-every", "5",
+        "--log-samples", "--threads", "1",
+    )
+    devices = [
+        spawn("device", "--artifacts", artifacts, "--connect", endpoint, "--data", shard, "--device-id", f"dev{i}",
+              "--epochs", str(EPOCHS), "--server-timeout", "2", "--threads", "1")
+        for i, shard in enumerate(device_shards(ROWS))
+    ]
+    wait_for_step(run / "metrics.jsonl", 12, first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    checkpoint = (run / "checkpoints" / "LATEST").read_text().strip()
+    killed_at = int(checkpoint.split("-")[1])
+    assert killed_at >= 10
+
+    second = spawn("serve", "--resume", run, "--bind", endpoint)
+    outs = [d.communicate(timeout=240)[0] for d in devices]
+    assert all(d.returncode == 0 for d in devices), outs
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out
+    assert f"resumed from {checkpoint}" in out
+
+    summary = json.loads((run / "summary.json").read_text())
+    samples = trained_samples(run / "metrics.jsonl")
+    counts = Counter(samples)
+    assert max(counts.values()) == 1, [k for k, c in counts.items() if c > 1][:5]
+    assert len(samples) == 2 * ROWS * EPOCHS == summary["samples_trained"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"correct"' in line]
+    assert steps == list(range(1, len(steps) + 1)), "step numbers continue from the checkpoint"
+    assert summary["stopped"] == "all devices finished"
