@@ -87,6 +87,14 @@ class SplitServerModel(nn.Module):
         self.head = hf_model.score
         self.config = base.config
 
+    def train(self, mode: bool = True) -> "SplitServerModel":
+        """Blocks before k_max belong to the device side: they run as the device runs them (eval
+        mode, no dropout) even while the server blocks train."""
+        super().train(mode)
+        for block in list(self.runner.blocks)[: self.train_from]:
+            block.eval()
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

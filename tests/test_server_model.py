@@ -1,0 +1,76 @@
+"""The server model: decomposed backward (only LoRA + head get gradients, nothing for the input),
+and the saved adapter loads with plain peft on the unsplit model with the same predictions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftool.exporters.families import adapter_for
+from sftool.exporters.partition import DevicePart
+from sftool.server.mixing import Sample, collate
+from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
+from sftool.server.trainer import OptimSettings, Trainer
+
+from conftest import FAMILIES
+
+
+def tiny_server(path, splits=(2,)):
+    return SplitServerModel(SplitModelSpec(str(path), 2, list(splits), 0, LoraSettings(rank=4, dropout=0.0)))
+
+
+def device_batch(model: SplitServerModel, n: int = 6, seed: int = 0):
+    """Token batch with padding, and its activations as a device computes them (eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (n, 10), generator=g)
+    mask = torch.ones(n, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 2:] = 0
+    ids[mask == 0] = 0  # pad id
+    with torch.no_grad():
+        part = DevicePart(model.adapter, model.adapter.backbone(model.peft_model), model.train_from).eval()
+        hidden = part(ids, mask)
+    return ids, mask, hidden
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backward_touches_only_lora_and_head(family, tiny_model):
+    model = tiny_server(tiny_model(family))
+    _, mask, hidden = device_batch(model)
+    assert not hidden.requires_grad
+    samples = [Sample(hidden[i], mask[i], i % 2, "d", i, 0, 0) for i in range(len(mask))]
+    batch = collate(samples)
+    loss = torch.nn.functional.cross_entropy(model(batch.hidden, batch.attention_mask), batch.labels)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n or "score" in n for n in with_grad), sorted(with_grad)[:5]
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    # LoRA only on the server's blocks.
+    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) if ".layers." in n else int(n.split(".h.")[1].split(".")[0])
+                   for n, _ in model.named_parameters() if "lora_A" in n}
+    assert lora_layers == set(range(model.train_from, model.num_layers))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_loads_with_plain_peft_and_predicts_the_same(family, tiny_model, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    model = tiny_server(tiny_model(family))
+    trainer = Trainer(model, OptimSettings(lr=1e-2))
+    for step in range(5):
+        _, mask, hidden = device_batch(model, seed=step)
+        trainer.step(collate([Sample(hidden[i], mask[i], i % 2, "d", i, 0, 0) for i in range(len(mask))]))
+    model.save_adapter(tmp_path / "adapter")
+
+    model.eval()
+    ids, mask, hidden = device_batch(model, seed=99)
+    with torch.no_grad():
+        split_logits = model(hidden, mask)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model(family), num_labels=2, pad_token_id=0)
+    plain = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        plain_logits = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(split_logits, plain_logits, atol=1e-5), (split_logits - plain_logits).abs().max()
+    assert not torch.allclose(split_logits, torch.zeros_like(split_logits))
