@@ -74,3 +74,36 @@ def test_adapter_loads_with_plain_peft_and_predicts_the_same(family, tiny_model,
         plain_logits = plain(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(split_logits, plain_logits, atol=1e-5), (split_logits - plain_logits).abs().max()
     assert not torch.allclose(split_logits, torch.zeros_like(split_logits))
+
+
+def test_merge_and_merged_onnx_export(tiny_model, tmp_path):
+    """A run folder merges into a plain model whose predictions match the split model, and exports to ONNX."""
+    import json
+
+    import transformers
+
+    from cli_helpers import run_cli
+
+    model = tiny_server(tiny_model("llama"))
+    trainer = Trainer(model, OptimSettings(lr=1e-2))
+    for step in range(3):
+        _, mask, hidden = device_batch(model, seed=step)
+        trainer.step(collate([Sample(hidden[i], mask[i], i % 2, "d", i, 0, 0) for i in range(len(mask))]))
+    run = tmp_path / "run"
+    model.save_adapter(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"source": str(tiny_model("llama")), "num_labels": 2, "label_names": ["no", "yes"]}))
+
+    result = run_cli("merge", "--run", run, "--out", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == {0: "no", 1: "yes"}
+    model.eval()
+    ids, mask, hidden = device_batch(model, seed=7)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, model(hidden, mask), atol=1e-5)
+
+    result = run_cli("export", "--merged", run, "--out", tmp_path / "onnx")
+    assert result.exit_code == 0, result.output
+    parity = json.loads((tmp_path / "onnx" / "sftool_parity.json").read_text())
+    assert parity["max_abs_diff"] <= 1e-4 and parity["agreement"] == 1.0
+    assert (tmp_path / "onnx" / "model.onnx").is_file()

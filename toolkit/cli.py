@@ -68,9 +68,10 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 @app.command()
 @user_errors
 def export(
-    model: str = typer.Option(..., "--model", help="Model folder, .gguf file, built-in name or hub id."),
-    split: str = typer.Option(..., "--split", help="Block index k to split at (device runs blocks 0..k-1); several as 4,6,8."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder, .gguf file, built-in name or hub id."),
+    split: Optional[str] = typer.Option(None, "--split", help="Block index k to split at (device runs blocks 0..k-1); several as 4,6,8."),
     out: Path = typer.Option(..., "--out", help="Artifacts folder to write (one subfolder per split when several)."),
+    merged: Optional[Path] = typer.Option(None, help="Instead: export a trained run (or merged model folder) as one ONNX model."),
     max_seq_len: int = typer.Option(512, help="Longest sequence a device may send."),
     max_batch: int = typer.Option(64, help="Largest batch a device may send."),
     int8: str = typer.Option("none", help="int8 variants to add: comma list of arm64,avx512_vnni,avx2, or none."),
@@ -80,6 +81,13 @@ def export(
     """Export the frozen device part (embeddings + blocks 0..k-1) to ONNX with a manifest."""
     from sftool.exporters.onnx_export import ExportOptions, export_device
 
+    if merged is not None:
+        from sftool.exporters.merged import export_merged_onnx
+
+        export_merged_onnx(merged, out, opset, log=lambda msg: console.print(f"[dim]export:[/] {msg}", highlight=False))
+        return
+    if model is None or split is None:
+        raise SftoolError("--model and --split are required (or --merged RUNDIR)")
     try:
         splits = [int(s) for s in _split_list(split) or []]
     except ValueError:
@@ -159,6 +167,18 @@ def device(
         f"{report.device_id}: {report.samples} samples in {report.batches} batches acknowledged{ending}; "
         f"{report.bytes_sent / 1e6:.2f} MB sent; compute {report.compute_s:.2f}s, wall {report.wall_s:.2f}s"
     )
+
+
+@app.command()
+@user_errors
+def merge(
+    run: Path = typer.Option(..., "--run", help="Run folder of `sftool serve` (holds adapter/ and run.json)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged Hugging Face model."),
+) -> None:
+    """Merge a trained adapter (LoRA + head) into the base model: a plain transformers folder."""
+    from sftool.exporters.merged import merge_run
+
+    merge_run(run, out, log=lambda msg: console.print(f"[dim]merge:[/] {msg}", highlight=False))
 
 
 @app.command()
