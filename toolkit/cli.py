@@ -216,6 +216,8 @@ def serve(
     checkpoint_every: int = typer.Option(50, help="Checkpoint every N steps (and always at the end or on SIGTERM)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its latest checkpoint, with its options."),
     log_samples: bool = typer.Option(False, help="Record every trained sample's (device, epoch, id) in metrics.jsonl."),
+    cache_activations: bool = typer.Option(False, help="Keep activations on disk (fp16); devices send epoch 0 only, later epochs replay."),
+    cache_max_gb: float = typer.Option(4.0, help="Disk budget of the activation cache."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
@@ -259,6 +261,8 @@ def serve(
         eval_precision=eval_precision,
         checkpoint_every=checkpoint_every,
         log_samples=log_samples,
+        cache_activations=cache_activations,
+        cache_max_gb=cache_max_gb,
     ) if resume is None else replace(load_run_options(resume), resume=True, bind=bind)
 
     def show(p) -> None:

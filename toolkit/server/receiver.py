@@ -65,6 +65,7 @@ class DeviceSession:
     rejected: int = 0
     said_bye: bool = False
     timed_out: bool = False
+    skip_epochs: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -93,7 +94,6 @@ class Receiver(threading.Thread):
         device_timeout_s: float = 120.0,
         context: zmq.Context | None = None,
         curve: dict[str, Any] | None = None,
-        skip_epochs: list[int] | None = None,
     ):
         super().__init__(name="sftool-receiver", daemon=True)
         self.accepted = accepted
@@ -101,7 +101,6 @@ class Receiver(threading.Thread):
         self.window = 1 if ack_after_training else window
         self.ack_after_training = ack_after_training
         self.device_timeout_s = device_timeout_s
-        self.skip_epochs = skip_epochs or []
         self.session_id = uuid.uuid4().hex[:12]
         self.sessions: dict[str, DeviceSession] = {}
         self.errors_sent = 0
@@ -113,6 +112,9 @@ class Receiver(threading.Thread):
         #: Trained seqs of a device (set by the trainer), sent in WELCOME so a device that comes
         #: back to a restarted server sends only what still needs training.
         self.done_seqs_for: Callable[[str], list[list[int]]] = lambda device: []
+        #: Epochs a device need not send (the trainer replays them from its activation cache),
+        #: decided once per device from the epochs and samples it announces in HELLO.
+        self.plan_skip_epochs: Callable[[str, int, int, int], list[int]] = lambda device, epochs, samples, max_len: []
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self.ctx = context or zmq.Context.instance()
@@ -258,6 +260,12 @@ class Receiver(threading.Thread):
                     last_seen=now,
                 )
                 self.sessions[header.device] = session
+                epochs = header.int_field("epochs", 1, default=1)
+                samples = header.fields.get("num_samples", -1)
+                samples = samples if isinstance(samples, int) and samples > 0 else 0
+                session.skip_epochs = self.plan_skip_epochs(
+                    header.device, epochs, samples // epochs, accepted.manifest.max_seq_len
+                )
                 log.info("device %s joined: split %d, %s, wire %s", header.device, split, session.precision, session.wire_dtype)
             else:
                 # A reconnect: keep what we have seen so resent batches are deduplicated.
@@ -269,7 +277,7 @@ class Receiver(threading.Thread):
             MsgType.WELCOME,
             window=self.window,
             session=self.session_id,
-            skip_epochs=self.skip_epochs,
+            skip_epochs=session.skip_epochs,
             done_seqs=self.done_seqs_for(header.device),
         )
 

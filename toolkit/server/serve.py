@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from sftool.errors import SftoolError
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.runtime.device_client import ranges_to_set, set_to_ranges
+from sftool.server.activation_cache import ActivationCache
 from sftool.server.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
 from sftool.server.evaluate import Evaluator
 from sftool.server.mixing import POLICIES, MixingBuffer, Sample
@@ -68,6 +69,9 @@ class ServeOptions:
     resume: bool = False
     #: Record the (device, epoch, sample id) of every trained sample in metrics.jsonl.
     log_samples: bool = False
+    #: Keep received activations (fp16, on disk) and replay later epochs without device compute.
+    cache_activations: bool = False
+    cache_max_gb: float = 4.0
 
 
 @dataclass
@@ -151,6 +155,53 @@ class StreamTrainer:
         self._remaining: dict[tuple[str, int], int] = {}  # (device, seq) -> samples not yet trained
         self._lock = threading.Lock()
         self._metrics = open(Path(opts.out) / "metrics.jsonl", "a", buffering=1)
+        self.cache: ActivationCache | None = None
+        self._replay_epochs: dict[str, list[int]] = {}  # device -> epochs to replay from the cache
+        self._replay: Iterator[tuple[str, int]] | None = None
+        self._replay_epoch = -1
+        self.samples_replayed = 0
+        if opts.cache_activations:
+            self.cache = ActivationCache(Path(opts.out) / "activation_cache", model.hidden_size, int(opts.cache_max_gb * 2**30))
+            receiver.plan_skip_epochs = self.plan_skip_epochs
+
+    # -- activation cache -----------------------------------------------------------------------
+    def plan_skip_epochs(self, device: str, epochs: int, samples_per_epoch: int, max_len: int) -> list[int]:
+        """Called by the receiver at a device's first HELLO: which epochs it need not send."""
+        if self.cache is None or epochs < 2 or samples_per_epoch <= 0:
+            return []
+        if not self.cache.reserve(samples_per_epoch, max_len):
+            return []  # over the cache budget: this device sends every epoch
+        skip = list(range(1, epochs))
+        with self._lock:
+            self._replay_epochs[device] = skip
+        return skip
+
+    def _next_replay_sample(self) -> Sample | None:
+        """The next cached sample to train (epochs replayed in order, shuffled across devices)."""
+        while True:
+            if self._replay is not None:
+                for device, sample_id in self._replay:
+                    if sample_id in self._trained.get(device, {}).get(self._replay_epoch, set()):
+                        continue  # trained before a restart
+                    hidden, label = self.cache.get(device, sample_id)
+                    n = hidden.shape[0]
+                    self.samples_replayed += 1
+                    return Sample(torch.from_numpy(hidden.astype("float32")), torch.ones(n, dtype=torch.long), label, device, sample_id, self._replay_epoch, -1)
+                self._replay = None
+            with self._lock:
+                later = sorted({e for epochs in self._replay_epochs.values() for e in epochs if e > self._replay_epoch})
+            if not later:
+                return None
+            self._replay_epoch = later[0]
+            devices = [d for d, epochs in self._replay_epochs.items() if self._replay_epoch in epochs]
+            self._replay = self.cache.replay_order(devices, self.buffer.rng)
+
+    def _replay_pending(self) -> bool:
+        if self.cache is None:
+            return False
+        with self._lock:
+            later = any(e > self._replay_epoch for epochs in self._replay_epochs.values() for e in epochs)
+        return later or self._replay is not None
 
     # -- progress shared with the receiver (which runs in another thread) ---------------------
     def done_seqs(self, device: str) -> list[list[int]]:
@@ -172,6 +223,8 @@ class StreamTrainer:
         self.progress_state = state
         self._trained = {d: {int(e): set(ids) for e, ids in epochs.items()} for d, epochs in state.trained.items()}
         self._done = {d: ranges_to_set(r) for d, r in state.done_seqs.items()}
+        if self.cache is not None:
+            self.cache.load_index()
         self._metrics.close()
         _truncate_metrics(Path(self.opts.out) / "metrics.jsonl", state.step)
         self._metrics = open(Path(self.opts.out) / "metrics.jsonl", "a", buffering=1)
@@ -186,6 +239,8 @@ class StreamTrainer:
         p.finished_devices = sorted(
             set(p.finished_devices) | {name for name, s in self.receiver.snapshot().items() if s.said_bye and not self._pending_from(name)}
         )
+        if self.cache is not None:
+            self.cache.save_index()
         return save_checkpoint(Path(self.opts.out), self.model, self.trainer, self.buffer.rng, p)
 
     def _pending_from(self, device: str) -> bool:
@@ -204,6 +259,9 @@ class StreamTrainer:
         mask = torch.from_numpy(b.attention_mask[keep].astype("int64"))
         hidden = self.model.catch_up(hidden, mask, item.split)
         lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1)  # up to the last real token
+        if self.cache is not None and b.device in self._replay_epochs:
+            for j, (i, n) in enumerate(zip(keep, lengths.tolist())):
+                self.cache.put(b.device, int(b.sample_ids[i]), int(b.labels[i]), hidden[j, :n].numpy())
         self.buffer.add(
             [
                 Sample(hidden[j, :n].clone(), mask[j, :n].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
@@ -217,6 +275,8 @@ class StreamTrainer:
             for s in samples:
                 self._trained.setdefault(s.device, {}).setdefault(s.epoch, set()).add(s.sample_id)
         for s in samples:
+            if s.seq < 0:
+                continue  # replayed from the activation cache: no device batch to settle
             key = (s.device, s.seq)
             self._remaining[key] -= 1
             if self._remaining[key] == 0:
@@ -266,6 +326,21 @@ class StreamTrainer:
         expected = self.opts.devices - len(self.progress_state.finished_devices)
         return self.receiver.all_finished(expected) and self.queue.empty()
 
+    def _fill_buffer(self) -> None:
+        """Move received batches into the mixing buffer; once every device is done, cached replays."""
+        while self.buffer.has_room:
+            try:
+                self.ingest(self.queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            if self.cache is None or not self._all_finished():
+                return
+            sample = self._next_replay_sample()
+            if sample is None:
+                return
+            self.buffer.add([sample])
+
     def run(
         self,
         on_progress: Callable[[Progress], None] | None = None,
@@ -275,12 +350,8 @@ class StreamTrainer:
         """Train until the budget is reached, every expected device is done, or a stop is requested."""
         last_report = time.perf_counter()
         while self.stop_requested is None:
-            while self.buffer.has_room:
-                try:
-                    self.ingest(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            ended = self._all_finished()
+            self._fill_buffer()
+            ended = self._all_finished() and not self._replay_pending()
             if self.buffer.ready(ended or self.sequential):
                 self._train_one(log_line)
                 if self.budget_reached():
@@ -318,6 +389,8 @@ class StreamTrainer:
 
     def close(self) -> None:
         self._metrics.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -482,6 +555,7 @@ def _summary(opts: ServeOptions, stream: StreamTrainer, receiver: Receiver, reas
         "bytes_received": receiver.bytes_received,
         "wall_s": wall_s,
         "train_compute_s": stream.train_s,
+        "samples_replayed_from_cache": stream.samples_replayed,
         "eval_compute_s": sum(e["seconds"] for e in stream.evals),
         "trainer_idle_fraction": stream.idle_s / max(wall_s, 1e-9),
         "errors_sent": receiver.errors_sent,
