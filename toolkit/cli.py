@@ -171,6 +171,36 @@ def device(
 
 @app.command()
 @user_errors
+def profile(
+    artifacts: List[Path] = typer.Option(..., "--artifacts", help="Exports of several splits (or a folder of split-* exports)."),
+    budget_ms: float = typer.Option(..., "--budget-ms", help="Time a batch may take on this device."),
+    batch_size: int = typer.Option(8, help="Batch size the device will use."),
+    seq_len: int = typer.Option(64, help="Tokens per sample to time with."),
+    precision: str = typer.Option("auto", help="auto, fp32 or int8."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+) -> None:
+    """Time this device's forward pass per split and recommend the deepest split within a budget (no torch)."""
+    from rich.table import Table
+
+    from sftool.runtime.profiler import profile_splits
+
+    result = profile_splits(artifacts, budget_ms, batch_size, seq_len, precision, threads)
+    table = Table(title=f"forward time per batch ({batch_size} x {seq_len} tokens)")
+    for col in ("split k", "variant", "median ms", "within budget"):
+        table.add_column(col, justify="right")
+    for t in result.timings:
+        table.add_row(str(t.split), t.variant, f"{t.median_ms:.1f}", "yes" if t.median_ms <= budget_ms else "no")
+    Console().print(table)
+    typer.echo(f"fit: {result.embed_ms:.1f} ms + {result.block_ms:.2f} ms per block (of {result.num_layers})")
+    if result.recommended_exported is None:
+        typer.echo(f"no exported split meets {budget_ms:.0f} ms; the fit says k <= {result.recommended_fit} would")
+    else:
+        typer.echo(f"recommended: split {result.recommended_exported} (deepest exported within {budget_ms:.0f} ms); "
+                   f"by the fit, up to k = {result.recommended_fit} would meet the budget")
+
+
+@app.command()
+@user_errors
 def merge(
     run: Path = typer.Option(..., "--run", help="Run folder of `sftool serve` (holds adapter/ and run.json)."),
     out: Path = typer.Option(..., "--out", help="Folder for the merged Hugging Face model."),

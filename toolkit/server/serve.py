@@ -459,11 +459,13 @@ def serve(
     log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
     restore_signal = _stop_on_sigterm(stream)
     started = time.perf_counter()
+    ended: float | None = None
     reason = "interrupted"
     try:
         reason = stream.run(on_progress, log_line=log_line)
         if reason != "terminated" and (not stream.evals or stream.evals[-1]["step"] != stream.trainer.step_count):
             stream.evaluate(log_line)
+        ended = time.perf_counter()
     finally:
         restore_signal()
         receiver.request_stop(reason)
@@ -472,7 +474,8 @@ def serve(
         stream.checkpoint()
         stream.close()
         model.save_adapter(out / "adapter")
-        summary = _summary(opts, stream, receiver, reason, time.perf_counter() - started)
+        # Wall time of the run itself: from listening to the last step/evaluation, without saving.
+        summary = _summary(opts, stream, receiver, reason, (ended or time.perf_counter()) - started)
         summary["eval_before"] = eval_before
         summary["eval_after"] = stream.evals[-1] if len(stream.evals) > (eval_before is not None) else None
         summary["evals"] = stream.evals
