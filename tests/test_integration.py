@@ -63,6 +63,7 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
     accuracy = sum(s["correct"] for s in tail) / sum(s["size"] for s in tail)
     assert accuracy > 0.9, f"{family}: training accuracy over the last quarter {accuracy:.3f}"
     assert (run / "adapter" / "adapter_config.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard event files"
     # Held-out evaluation through the exported device part + the trained server part.
     assert summary["eval_before"]["n"] == 100 and summary["eval_before"]["step"] == 0
     assert summary["eval_after"]["accuracy"] > 0.85, summary["eval_after"]

@@ -155,6 +155,7 @@ class StreamTrainer:
         self._remaining: dict[tuple[str, int], int] = {}  # (device, seq) -> samples not yet trained
         self._lock = threading.Lock()
         self._metrics = open(Path(opts.out) / "metrics.jsonl", "a", buffering=1)
+        self._tensorboard = _tensorboard_writer(Path(opts.out) / "tensorboard")
         self.cache: ActivationCache | None = None
         self._replay_epochs: dict[str, list[int]] = {}  # device -> epochs to replay from the cache
         self._replay: Iterator[tuple[str, int]] | None = None
@@ -228,6 +229,9 @@ class StreamTrainer:
         self._metrics.close()
         _truncate_metrics(Path(self.opts.out) / "metrics.jsonl", state.step)
         self._metrics = open(Path(self.opts.out) / "metrics.jsonl", "a", buffering=1)
+        if self._tensorboard is not None:  # hide the undone steps in TensorBoard too
+            self._tensorboard.close()
+            self._tensorboard = _tensorboard_writer(Path(self.opts.out) / "tensorboard", purge_step=state.step + 1)
         log_line(f"resumed from {folder.name}: step {state.step}, {state.samples_trained} samples trained")
 
     def checkpoint(self) -> Path:
@@ -296,6 +300,9 @@ class StreamTrainer:
         result = {"step": self.trainer.step_count, "samples": self.samples_trained, **self.evaluator.evaluate().as_dict()}
         self.evals.append(result)
         self._metrics.write(json.dumps({"time": time.time(), "eval": result}) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.add_scalar("eval/accuracy", result["accuracy"], result["step"])
+            self._tensorboard.add_scalar("eval/loss", result["loss"], result["step"])
         if log_line:
             log_line(f"eval at step {result['step']}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} ({result['n']} examples, {result['seconds']:.1f}s)")
         return result
@@ -382,6 +389,11 @@ class StreamTrainer:
         if self.opts.log_samples:
             record["samples"] = [[s.device, s.epoch, s.sample_id] for s in batch.samples]
         self._metrics.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.add_scalar("train/loss", result.loss, result.step)
+            self._tensorboard.add_scalar("train/accuracy", result.correct / result.size, result.step)
+            self._tensorboard.add_scalar("train/samples", self.samples_trained, result.step)
+            self._tensorboard.add_scalar("train/queue_depth", self.queue.qsize() + self.receiver.pending, result.step)
         if self.opts.eval_every and result.step % self.opts.eval_every == 0:
             self.evaluate(log_line)
         if self.opts.checkpoint_every and result.step % self.opts.checkpoint_every == 0:
@@ -389,8 +401,20 @@ class StreamTrainer:
 
     def close(self) -> None:
         self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self.cache is not None:
             self.cache.close()
+
+
+def _tensorboard_writer(folder: Path, purge_step: int | None = None):
+    """TensorBoard event files beside metrics.jsonl (None if tensorboardX is not installed)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(folder), purge_step=purge_step, flush_secs=10)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
