@@ -6,6 +6,7 @@ onnxruntime, pyzmq, msgpack and tokenizers (a test runs it where importing torch
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from sftool.runtime.onnx_model import DeviceModel, choose_variant, cpu_target
 from sftool.runtime.protocol import FP16_MAX, MsgType, batch_arrays, encode
 
 WIRE_DTYPES = ("fp16", "fp32")
+#: How long a device waits for the server's WELCOME (a server loading a large model takes a while).
+HELLO_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -141,6 +144,7 @@ def run_device(
             epochs=opts.epochs,
             num_samples=len(examples) * opts.epochs,
             server_timeout_s=opts.server_timeout_s,
+            hello_timeout_s=float(os.environ.get("SFTOOL_HELLO_TIMEOUT", HELLO_TIMEOUT_S)),
             curve=opts.curve,
         )
     )
