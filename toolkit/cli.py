@@ -74,7 +74,9 @@ def export(
     merged: Optional[Path] = typer.Option(None, help="Instead: export a trained run (or merged model folder) as one ONNX model."),
     max_seq_len: int = typer.Option(512, help="Longest sequence a device may send."),
     max_batch: int = typer.Option(64, help="Largest batch a device may send."),
-    int8: str = typer.Option("none", help="int8 variants to add: comma list of arm64,avx512_vnni,avx2, or none."),
+    int8: str = typer.Option(
+        "auto", help="int8 variants to add: auto (arm64, avx512_vnni and avx2), a comma list of them, or none."
+    ),
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     opset: int = typer.Option(18, help="ONNX opset."),
 ) -> None:
