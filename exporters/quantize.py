@@ -204,29 +204,35 @@ def quantize_variants(
     *,
     source_model: Path | None = None,
     keep_fp32_mlp_out: bool = True,
-    min_mean_cosine: float = MIN_MEAN_COSINE,
+    min_mean_cosine: float | None = None,
     graph_optimization: str = "extended",
 ) -> list[Variant]:
     """Write ``device.int8.<target>.onnx`` into ``staging`` for each target; return their Variants.
 
     ``source_model`` is the fp32 ONNX file as exported (before graph optimization; quantizing the
     plain graph and optimizing afterwards fuses the int8 ops); default ``staging/device.onnx``.
-    Raises SftoolError if a variant's mean cosine to fp32 PyTorch is below ``min_mean_cosine``.
+    Raises SftoolError if a variant's mean cosine to fp32 PyTorch is below ``min_mean_cosine``
+    (default: MIN_MEAN_COSINE).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     targets = resolve_targets(targets)
     if not targets:
         return []
+    if min_mean_cosine is None:
+        min_mean_cosine = MIN_MEAN_COSINE
     staging = Path(staging)
     source_model = Path(source_model) if source_model else staging / "device.onnx"
     batch = calibration_batch(staging, tokenizer, max_seq_len, pad_id)
     reference = torch_reference(device_part, batch)
     hidden_size = int(reference.shape[-1])
-    excluded = mlp_output_projections(source_model, hidden_size) if keep_fp32_mlp_out else []
+    keep = mlp_output_projections(source_model, hidden_size) if keep_fp32_mlp_out else []
+    # The dynamic quantizer first rewrites a Gemm as MatMul (+Add) named "<gemm>_MatMul": exclude both names.
+    excluded = keep + [f"{name}_MatMul" for name in keep]
+    kept = len(keep)
     tokens = int(batch[1].sum())
     log(
-        f"int8 ({METHOD}, per-channel weights; {len(excluded)} MLP output projections kept fp32) for "
+        f"int8 ({METHOD}, per-channel weights; {kept} MLP output projections kept fp32) for "
         f"{', '.join(targets)}; parity on {len(CALIBRATION_TEXTS)} English sentences ({tokens} tokens)"
     )
     variants = []
@@ -269,6 +275,6 @@ def quantize_variants(
                 f"the int8 model for {target} is too far from fp32 (mean cosine {parity['mean_cosine']:.4f} < "
                 f"{min_mean_cosine}); export without it (--int8 none) or use fp32 devices"
             )
-        method = f"{METHOD}(per_channel, s8{', reduce_range' if recipe.reduce_range else ''}; fp32: {len(excluded)} mlp-out)"
+        method = f"{METHOD}(per_channel, s8{', reduce_range' if recipe.reduce_range else ''}; fp32: {kept} mlp-out)"
         variants.append(Variant(out.name, "int8", target, method, parity))
     return variants

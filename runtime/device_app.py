@@ -6,6 +6,7 @@ onnxruntime, pyzmq, msgpack and tokenizers (a test runs it where importing torch
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from sftool.errors import SftoolError
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
 from sftool.runtime.local_data import TextEncoder, bucketed_batches, iter_epochs, read_examples
 from sftool.runtime.manifest import load_manifest, manifest_sha256
-from sftool.runtime.onnx_model import DeviceModel, choose_variant, cpu_target
+from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant, cpu_target
 from sftool.runtime.protocol import FP16_MAX, MsgType, batch_arrays, encode
 
 WIRE_DTYPES = ("fp16", "fp32")
@@ -41,6 +42,12 @@ class DeviceOptions:
     precision: str = "auto"
     wire_dtype: str = "fp16"
     threads: int | None = None
+    #: onnxruntime graph optimizations at load: disable|basic|extended|all (the export is saved at extended).
+    ort_optimization: str = "basic"
+    #: onnxruntime's CPU memory arena (off: lower resident memory, slightly slower).
+    memory_arena: bool = True
+    #: onnxruntime worker threads spin while idle (off: saves CPU/power between batches).
+    spin: bool = True
     max_len: int | None = None
     bucket_window: int = 8
     server_timeout_s: float = 30.0
@@ -112,10 +119,13 @@ def run_device(
     opts: DeviceOptions,
     on_start: Callable[[int, str], None] | None = None,
     on_ack: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> DeviceReport:
     """Stream every local example through the device layers to the server; return totals.
 
-    ``on_start(total_samples, description)`` and ``on_ack(samples)`` let a UI show progress.
+    ``on_start(total_samples, description)`` and ``on_ack(samples)`` let a UI show progress;
+    ``log`` receives one-line messages (which model variant runs), which also go to the
+    ``sftool.device`` logger.
     """
     if opts.wire_dtype not in WIRE_DTYPES:
         raise SftoolError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
@@ -124,7 +134,12 @@ def run_device(
     started = time.perf_counter()
     manifest = load_manifest(opts.artifacts)
     variant = choose_variant(manifest, opts.precision)
-    model = DeviceModel(opts.artifacts, manifest, variant, threads=opts.threads)
+    settings = SessionSettings(opts.threads, opts.ort_optimization, opts.memory_arena, opts.spin)
+    model = DeviceModel(opts.artifacts, manifest, variant, settings=settings)
+    message = f"{opts.device_id}: running {model.description}"
+    logging.getLogger("sftool.device").info(message)
+    if log:
+        log(message)
     max_len = min(opts.max_len or manifest.max_seq_len, manifest.max_seq_len)
     if opts.batch_size > manifest.max_batch:
         raise SftoolError(f"--batch-size {opts.batch_size} exceeds the export's max batch {manifest.max_batch}")
@@ -155,7 +170,8 @@ def run_device(
     skip = client.report.skip_epochs
     total = len(examples) * (opts.epochs - len([e for e in skip if e < opts.epochs]))
     if on_start:
-        on_start(total, f"{opts.device_id} [{precision_label} on {cpu_target()}]")
+        # Parentheses, not brackets: a UI may render the description as markup.
+        on_start(total, f"{opts.device_id} ({precision_label} on {cpu_target()})")
 
     batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id)
     try:

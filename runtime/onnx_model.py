@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,26 +60,83 @@ def choose_variant(manifest: Manifest, precision: str, target: str | None = None
     return manifest.variant("fp32")
 
 
+#: Graph optimizations onnxruntime may apply when a device loads a model. The export is saved already
+#: optimized at "extended", so "basic" (the default) only costs start-up; "all" adds this CPU's own layouts.
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass
+class SessionSettings:
+    """onnxruntime session options a device may tune (``sftool device`` passes them through)."""
+
+    #: Intra-op threads (None: onnxruntime's default, one per physical core).
+    threads: int | None = None
+    #: Graph optimizations at load time (see OPTIMIZATION_LEVELS).
+    optimization: str = "basic"
+    #: The CPU memory arena keeps freed blocks for reuse: faster steady state, but resident memory stays
+    #: at the peak of the largest batch. Turn it off on boards with little RAM.
+    memory_arena: bool = True
+    #: Worker threads spin while waiting for work: lower latency, but they burn CPU between batches
+    #: (and while waiting for the server's credit). Off saves power on a battery-powered board.
+    spin: bool = True
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise SftoolError(f"onnxruntime optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, not {self.optimization!r}")
+        if self.threads is not None and self.threads < 1:
+            raise SftoolError("--threads must be >= 1")
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        options.enable_cpu_mem_arena = self.memory_arena
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        return options
+
+
 class DeviceModel:
     """Runs the device part (embeddings + blocks 0..k-1) on onnxruntime's CPU provider."""
 
-    def __init__(self, folder: Path, manifest: Manifest, variant: Variant, threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        variant: Variant,
+        threads: int | None = None,
+        settings: SessionSettings | None = None,
+    ):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        # The export is saved already optimized; re-optimizing on a small board only costs start-up.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        settings = settings or SessionSettings()
+        if threads is not None:
+            settings = replace(settings, threads=threads)
         path = Path(folder) / variant.file
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), settings.session_options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise SftoolError(f"onnxruntime cannot load {path}: {exc}") from None
         self.variant = variant
         self.manifest = manifest
+        self.settings = settings
         self.output_name = manifest.outputs[0]["name"] if manifest.outputs else "hidden_states"
+
+    @property
+    def description(self) -> str:
+        """What runs, for logs: e.g. ``int8/arm64 (device.int8.arm64.onnx) on arm64, 4 threads``."""
+        threads = self.settings.threads or "default"
+        return (
+            f"{self.variant.precision}/{self.variant.target} ({self.variant.file}) on {cpu_target()}, "
+            f"{threads} threads, ort {self.settings.optimization}"
+        )
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Hidden states after block k-1, float32 [B, T, H]."""
