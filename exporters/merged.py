@@ -47,7 +47,6 @@ def _commit(staging: Path, out: Path) -> None:
 def merge_run(run_dir: Path, out: Path, log: Callable[[str], None] = print) -> Path:
     """Merge a run's adapter (LoRA + head) into its base model; write a Hugging Face folder."""
     from peft import PeftModel
-
     from sftool.exporters.model_source import load_model, load_tokenizer
 
     record = _run_record(run_dir)

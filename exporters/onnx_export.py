@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 from sftool import __version__
 from sftool.errors import SftoolError
 from sftool.runtime.manifest import MANIFEST_NAME, Manifest, Variant, sha256_file, write_manifest
@@ -136,7 +135,6 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     import onnx
     import onnxruntime as ort
     import torch
-
     from sftool.exporters.families import adapter_for
     from sftool.exporters.model_source import load_model, load_tokenizer, pad_token_id
     from sftool.exporters.partition import DevicePart, check_split, weights_fingerprint

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from torch import nn
-
 from sftool.errors import SftoolError
 from sftool.exporters.families.base import FamilyAdapter, position_ids_from_mask
+from torch import nn
 
 
 def check_split(split: int, num_layers: int) -> None:

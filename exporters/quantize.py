@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 from sftool.errors import SftoolError
 from sftool.runtime.manifest import Variant
 
@@ -182,7 +181,6 @@ def torch_reference(device_part, batch: tuple[np.ndarray, np.ndarray]) -> np.nda
 def ort_parity(model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict[str, float]:
     """Run the saved file as a device loads it and compare with ``reference`` on real tokens."""
     import onnxruntime as ort
-
     from sftool.exporters.onnx_export import OUTPUT_NAME, compare_outputs
 
     options = ort.SessionOptions()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 from sftool.errors import SftoolError
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
 from sftool.runtime.local_data import TextEncoder, bucketed_batches, iter_epochs, read_examples

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import zmq
-
 from sftool.errors import SftoolError
 from sftool.runtime.protocol import ErrorCode, MsgType, ProtocolError, decode_header, encode
 

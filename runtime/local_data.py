@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-
 from sftool.errors import SftoolError
 
 

@@ -86,7 +86,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
         data["variants"] = [Variant(**v) for v in data.get("variants", [])]
         known = set(cls.__dataclass_fields__)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-
 from sftool.errors import SftoolError
 from sftool.runtime.manifest import Manifest, Variant
 

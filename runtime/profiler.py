@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from sftool.errors import SftoolError
 from sftool.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from sftool.runtime.onnx_model import DeviceModel, choose_variant

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from sftool.cli import app
+from typer.testing import CliRunner
 
 SFTOOL = [sys.executable, "-m", "sftool.cli"]
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import make_tiny_model, synthetic_rows, write_jsonl  # noqa: E402
+from tiny_models import make_tiny_model, synthetic_rows, write_jsonl
 
 FAMILIES = ("gpt2", "llama")
 SPLIT = 2  # tiny models have 4 blocks

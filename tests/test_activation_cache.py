@@ -6,10 +6,8 @@ import json
 import random
 
 import numpy as np
-
-from sftool.server.activation_cache import ActivationCache
-
 from cli_helpers import spawn
+from sftool.server.activation_cache import ActivationCache
 
 ROWS, EPOCHS = 200, 3
 

@@ -9,17 +9,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from sftool.runtime.manifest import load_manifest, sha256_file
-
 from cli_helpers import run_cli
 from conftest import FAMILIES, SPLIT
+from sftool.runtime.manifest import load_manifest, sha256_file
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_writes_a_verified_artifacts_folder(family, tiny_artifacts, tiny_model):
     import transformers
-
     from sftool.exporters.families import adapter_for
     from sftool.exporters.partition import DevicePart
 

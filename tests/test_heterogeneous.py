@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from cli_helpers import spawn, torch_blocked_env
 
 ROWS, EPOCHS = 200, 3

@@ -10,7 +10,6 @@ import json
 import time
 
 import pytest
-
 from cli_helpers import spawn, torch_blocked_env
 from conftest import FAMILIES
 from tiny_models import synthetic_rows, write_jsonl

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from conftest import FAMILIES
 from sftool.errors import SftoolError
 from sftool.exporters.families import adapter_for
 from sftool.exporters.families.base import position_ids_from_mask
 from sftool.exporters.partition import BlockRunner, DevicePart, check_split, weights_fingerprint
-
-from conftest import FAMILIES
 
 
 def padded_batch(vocab: int, seed: int = 0):

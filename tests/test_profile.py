@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from sftool.runtime.profiler import profile_splits
-
 from cli_helpers import run_cli
+from sftool.runtime.profiler import profile_splits
 
 
 def test_profile_recommends_a_split(tiny_artifacts):

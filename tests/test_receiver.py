@@ -9,7 +9,6 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-
 from sftool.runtime.manifest import load_manifest, manifest_sha256
 from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
 from sftool.server.receiver import AcceptedSplit, Receiver

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sftool.exporters.families import adapter_for
+from conftest import FAMILIES
 from sftool.exporters.partition import DevicePart
 from sftool.server.mixing import Sample, collate
 from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
 from sftool.server.trainer import OptimSettings, Trainer
-
-from conftest import FAMILIES
 
 
 def tiny_server(path, splits=(2,)):
@@ -81,7 +78,6 @@ def test_merge_and_merged_onnx_export(tiny_model, tmp_path):
     import json
 
     import transformers
-
     from cli_helpers import run_cli
 
     model = tiny_server(tiny_model("llama"))

@@ -91,7 +91,6 @@ def _batches(cfg: BenchConfig, hidden_size: int, n: int, seed: int = 0):
 
 def _train_batch(hidden, mask, labels):
     import torch
-
     from sftool.server.mixing import TrainBatch
 
     return TrainBatch(
@@ -102,7 +101,6 @@ def _train_batch(hidden, mask, labels):
 # -- (a) backward modes ------------------------------------------------------------------------
 def backward_step(model, mode: str) -> Callable[[object], None]:
     """One training step of ``model`` in the given backward mode (optimizer step excluded)."""
-    import torch
     import torch.nn.functional as F
 
     if mode == "full_graph":
@@ -186,7 +184,6 @@ def bench_backward(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
 def bench_server_path(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     """Same batches, same model, same optimizer: the real server path vs a bare loop, interleaved."""
     import torch
-
     from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
     from sftool.runtime.manifest import manifest_sha256
     from sftool.runtime.protocol import MsgType, batch_arrays, encode

@@ -15,7 +15,6 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
-
 from sftool import __version__
 from sftool.errors import SftoolError
 
@@ -130,7 +129,6 @@ def device(
 ) -> None:
     """Run the frozen device layers over local data and stream activations to the server (no torch)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from sftool.runtime.device_app import DeviceOptions, run_device
 
     report_path = report
@@ -183,7 +181,6 @@ def profile(
 ) -> None:
     """Time this device's forward pass per split and recommend the deepest split within a budget (no torch)."""
     from rich.table import Table
-
     from sftool.runtime.profiler import profile_splits
 
     result = profile_splits(artifacts, budget_ms, batch_size, seq_len, precision, threads)
@@ -255,7 +252,8 @@ def serve(
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
     from dataclasses import replace
 
-    from sftool.server.serve import ServeOptions, load_run_options, serve as run_serve
+    from sftool.server.serve import ServeOptions, load_run_options
+    from sftool.server.serve import serve as run_serve
     from sftool.server.split_model import LoraSettings
     from sftool.server.trainer import OptimSettings
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from sftool.exporters.families.base import FamilyAdapter
+from torch import nn
 
 
 class GPT2Adapter(FamilyAdapter):

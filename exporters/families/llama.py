@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from sftool.exporters.families.base import FamilyAdapter
+from torch import nn
 
 
 class LlamaAdapter(FamilyAdapter):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from sftool.errors import SftoolError
 
 CHECKPOINTS = "checkpoints"

@@ -11,7 +11,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
 from sftool.runtime.manifest import Manifest
 from sftool.runtime.onnx_model import DeviceModel, choose_variant

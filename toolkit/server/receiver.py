@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
-
 from sftool.runtime.manifest import Manifest
 from sftool.runtime.protocol import (
     Batch,
@@ -88,7 +87,7 @@ class Receiver(threading.Thread):
         self,
         bind: str,
         accepted: dict[str, AcceptedSplit],
-        batches: "queue.Queue[ReceivedBatch]",
+        batches: queue.Queue[ReceivedBatch],
         window: int = 4,
         ack_after_training: bool = False,
         device_timeout_s: float = 120.0,
@@ -106,7 +105,7 @@ class Receiver(threading.Thread):
         self.errors_sent = 0
         self.bytes_received = 0
         self._pending: deque[ReceivedBatch] = deque()
-        self._trained: "queue.SimpleQueue[tuple[str, int]]" = queue.SimpleQueue()
+        self._trained: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._stop_reason: str | None = None
         self._header_bytes = 0
         #: Trained seqs of a device (set by the trainer), sent in WELCOME so a device that comes

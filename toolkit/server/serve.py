@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-
 from sftool.errors import SftoolError
+from sftool.runtime.device_client import ranges_to_set, set_to_ranges
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
-from sftool.runtime.device_client import ranges_to_set, set_to_ranges
 from sftool.server.activation_cache import ActivationCache
 from sftool.server.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
 from sftool.server.evaluate import Evaluator

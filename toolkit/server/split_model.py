@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from torch import nn
-
 from sftool.errors import SftoolError
 from sftool.exporters.families import adapter_for
 from sftool.exporters.model_source import load_model
 from sftool.exporters.partition import BlockRunner, DevicePart, check_split, weights_fingerprint
+from torch import nn
 
 
 @dataclass
@@ -87,7 +86,7 @@ class SplitServerModel(nn.Module):
         self.head = hf_model.score
         self.config = base.config
 
-    def train(self, mode: bool = True) -> "SplitServerModel":
+    def train(self, mode: bool = True) -> SplitServerModel:
         """Blocks before k_max belong to the device side: they run as the device runs them (eval
         mode, no dropout) even while the server blocks train."""
         super().train(mode)

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 from sftool.server.mixing import TrainBatch
 
 
@@ -74,7 +73,7 @@ class Trainer:
     @property
     def recent_loss(self) -> float:
         n = sum(s for _, _, s in self._recent)
-        return sum(l for l, _, _ in self._recent) / n if n else float("nan")
+        return sum(loss for loss, _, _ in self._recent) / n if n else float("nan")
 
     @property
     def recent_accuracy(self) -> float:
