@@ -42,6 +42,8 @@ class ExportOptions:
     #: onnxruntime graph optimization saved into the files: "extended" (default) or "basic" -- both
     #: portable to ARM64 -- or "none". ("all" adds layouts specific to the exporting CPU: refused.)
     graph_optimization: str = "extended"
+    #: int8 MLP output projections: "auto" (fp32 only where int8 costs accuracy), "int8" or "fp32".
+    int8_mlp_out: str = "auto"
 
 
 def _prepare_out(out: Path) -> None:
@@ -212,7 +214,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
         if targets:
             variants += quantize_variants(
                 staging, targets, device_part, tokenizer, max_seq_len, pad_id, log,
-                source_model=plain, graph_optimization=opts.graph_optimization,
+                source_model=plain, graph_optimization=opts.graph_optimization, mlp_out=opts.int8_mlp_out,
             )
         plain.unlink()
 
