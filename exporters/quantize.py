@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 from sftool.errors import SftoolError
 from sftool.runtime.manifest import Variant
 

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from sftool.exporters.onnx_export import ExportOptions, export_device
-from sftool.runtime.manifest import load_manifest
-from sftool.runtime.onnx_model import DeviceModel
-
 from arm64_support import arm64_python, arm64_unavailable_reason
 from cli_helpers import spawn
 from conftest import SPLIT
+from sftool.exporters.onnx_export import ExportOptions, export_device
+from sftool.runtime.manifest import load_manifest
+from sftool.runtime.onnx_model import DeviceModel
 from tiny_models import synthetic_rows, write_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

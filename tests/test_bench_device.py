@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from sftool.bench_device import PATHS, DeviceBenchConfig, run_device_bench
-
 from cli_helpers import run_cli
+from sftool.bench_device import PATHS, DeviceBenchConfig, run_device_bench
 
 
 def test_bench_device_tiny_cli_writes_json(tmp_path):

@@ -9,14 +9,11 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 import torch
-
+from int8_fixtures import int8_artifacts  # noqa: F401  (fixture)
 from sftool.errors import SftoolError
 from sftool.runtime.local_data import bucketed_batches, iter_epochs
 from sftool.runtime.manifest import load_manifest
 from sftool.runtime.onnx_model import OPTIMIZATION_LEVELS, DeviceModel, SessionSettings, choose_variant, cpu_target
-
-from conftest import SPLIT
-from int8_fixtures import int8_artifacts  # noqa: F401  (fixture)
 from tiny_models import synthetic_rows, write_jsonl
 
 # /proc/cpuinfo flags of real CPUs (abridged to what matters).

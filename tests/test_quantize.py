@@ -7,16 +7,14 @@ import json
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import run_cli
+from conftest import SPLIT
+from int8_fixtures import int8_artifacts  # noqa: F401  (fixture)
 from onnx import numpy_helper
-
 from sftool.errors import SftoolError
 from sftool.exporters.onnx_export import ExportOptions, export_device
 from sftool.exporters.quantize import CALIBRATION_TEXTS, INT8_TARGETS, MIN_MEAN_COSINE, resolve_targets
 from sftool.runtime.manifest import load_manifest
-
-from cli_helpers import run_cli
-from conftest import SPLIT
-from int8_fixtures import int8_artifacts  # noqa: F401  (fixture)
 
 
 def test_resolve_targets():

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 from sftool.errors import SftoolError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -132,7 +131,6 @@ def build_path(name: str, artifacts: Path, source: str, threads: int | None, lor
 
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-
     from sftool.exporters.families import adapter_for
     from sftool.exporters.model_source import load_model
     from sftool.exporters.partition import DevicePart
@@ -204,7 +202,7 @@ def wire_bytes(batches, hidden_states: list[np.ndarray], max_len: int) -> dict[s
 
     totals = {"fp16_bucketed": 0, "fp32_bucketed": 0, "fp16_padded": 0, "fp32_padded": 0}
     samples = 0
-    for (ids, mask, labels), hidden in zip(batches, hidden_states):
+    for (_ids, mask, labels), hidden in zip(batches, hidden_states):
         b, _, h = hidden.shape
         samples += b
         sample_ids = np.arange(b, dtype=np.int64)
@@ -239,9 +237,8 @@ def _memory_child(argv: Sequence[str]) -> None:
     """``python -m sftool.bench_device --memory PATH ARTIFACTS SOURCE BATCHES.npz THREADS RANK``."""
     name, artifacts, source, batches_file, threads, rank = argv
     if name not in ("ort_int8", "ort_fp32"):
-        import torch  # noqa: F401  (its import is part of the path's footprint, counted in the baseline)
-
         import peft  # noqa: F401
+        import torch  # noqa: F401  (its import is part of the path's footprint, counted in the baseline)
         import transformers  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
@@ -268,9 +265,8 @@ def _tiny_model(folder: Path) -> Path:
     """A tiny random Llama with a word-level tokenizer over the bundled sentences."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from sftool.exporters.quantize import CALIBRATION_TEXTS
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = sorted({w for t in CALIBRATION_TEXTS for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<eos>", *words])}
@@ -389,7 +385,6 @@ def run_device_bench(cfg: DeviceBenchConfig, log: Callable[[str], None] = print)
 
 def _machine(threads: int, loadavg_start) -> dict:
     import onnxruntime
-
     from sftool.runtime.onnx_model import cpu_target
 
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_target": cpu_target(),

@@ -40,7 +40,6 @@ def device(
 ) -> None:
     """A SplitFrozen device (ONNX int8) vs ONNX fp32, torch forward, SplitLoRA and FedLoRA devices: time, memory, wire bytes."""
     from rich.console import Console
-
     from sftool.bench_device import PATHS, DeviceBenchConfig, print_device_bench, run_device_bench, write_results
 
     err = Console(stderr=True, highlight=False)
