@@ -126,6 +126,9 @@ def device(
     max_len: Optional[int] = typer.Option(None, help="Truncate texts to this many tokens (default: the export's limit)."),
     server_timeout: float = typer.Option(30.0, help="Seconds of server silence before reconnecting."),
     report: Optional[Path] = typer.Option(None, help="Also write the device's totals as JSON to this file."),
+    ort_optimization: str = typer.Option("basic", help="onnxruntime optimization at load: disable, basic, extended (the export is saved optimized)."),
+    memory_arena: bool = typer.Option(True, "--memory-arena/--no-memory-arena", help="onnxruntime CPU memory arena."),
+    spin: bool = typer.Option(True, "--spin/--no-spin", help="Let onnxruntime threads spin between batches (off saves power)."),
 ) -> None:
     """Run the frozen device layers over local data and stream activations to the server (no torch)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -148,6 +151,9 @@ def device(
         threads=threads,
         max_len=max_len,
         server_timeout_s=server_timeout,
+        ort_optimization=ort_optimization,
+        memory_arena=memory_arena,
+        spin=spin,
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -157,6 +163,7 @@ def device(
             opts,
             on_start=lambda total, desc: bar.update(task, total=total, description=desc),
             on_ack=lambda n: bar.advance(task, n),
+            log=lambda msg: console.print(f"[dim]device:[/] {msg}", highlight=False),
         )
     if report_path is not None:
         report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
@@ -164,7 +171,7 @@ def device(
         raise SftoolError(f"the server rejected {len(report.rejected)} batch(es): {report.rejected[0]}")
     ending = f" (server: {report.finished_by_server})" if report.finished_by_server else ""
     typer.echo(
-        f"{report.device_id}: {report.samples} samples in {report.batches} batches acknowledged{ending}; "
+        f"{report.device_id} ({report.variant}): {report.samples} samples in {report.batches} batches acknowledged{ending}; "
         f"{report.bytes_sent / 1e6:.2f} MB sent; compute {report.compute_s:.2f}s, wall {report.wall_s:.2f}s"
     )
 

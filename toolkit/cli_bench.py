@@ -58,3 +58,55 @@ def device(
     if out:
         write_results(results, out)
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def server(
+    model: str = typer.Option("smollm2-135m-instruct", help="The model the artifacts were exported from."),
+    artifacts: Path = typer.Option(..., help="A device export of that model (its split is the server's)."),
+    parts: str = typer.Option("abc", help="Which parts: a (backward modes), b (server path vs bare loop), c (schedules)."),
+    batch_size: int = typer.Option(8, help="Samples per batch."),
+    seq_len: int = typer.Option(64, help="Tokens per sample of the synthetic activation batches (a, b)."),
+    steps: int = typer.Option(20, help="Training steps per timed run (b)."),
+    repeats: int = typer.Option(5, help="Interleaved repetitions (the median is reported)."),
+    device_rows: int = typer.Option(48, help="Rows per device process (c)."),
+    data: Optional[Path] = typer.Option(None, help="JSONL with text/label rows for the device processes of (c) (default: SST-2)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON."),
+) -> None:
+    """The server side by side: decomposed vs naive backward, full server path vs bare loop, pipelined vs sequential."""
+    import json
+    import tempfile
+
+    from rich.console import Console
+
+    from sftool.bench_server import BenchConfig, print_server_bench, run_server_bench
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        cfg = BenchConfig(model=model, artifacts=artifacts, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                          repeats=repeats, device_rows=device_rows, threads=threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = _device_shards(data, 3, device_rows, Path(tmp)) if "c" in parts else []
+            results = run_server_bench(cfg, files, parts, log=lambda m: err.print(f"[dim]bench:[/] {m}"))
+    except SftoolError as exc:
+        raise _fail(exc) from None
+    print_server_bench(results, Console())
+    if out:
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        typer.echo(f"wrote {out}")
+
+
+def _device_shards(data: Optional[Path], devices: int, rows: int, folder: Path) -> list[Path]:
+    """``devices`` JSONL shards of ``rows`` rows each, from ``data`` or the SST-2 training split."""
+    from sftool.datasets import load_split, read_jsonl, write_jsonl
+
+    examples = read_jsonl(data) if data else load_split("sst2").train
+    if len(examples) < devices * rows:
+        raise SftoolError(f"need {devices * rows} rows for {devices} devices, have {len(examples)}")
+    paths = []
+    for i in range(devices):
+        path = folder / f"device-{i}.jsonl"
+        write_jsonl(examples[i * rows : (i + 1) * rows], path)
+        paths.append(path)
+    return paths
