@@ -9,7 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
+
+# OpenMP threads that spin while waiting collapse when devices and the server share a few cores:
+# one SmolLM2 training step took 38 s with 2 spinning torch threads next to other busy processes,
+# 2.8 s with passive waiting (1 thread: 2.5 s). It must be set before torch loads its runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Callable, List, Optional
 
