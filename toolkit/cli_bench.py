@@ -79,7 +79,6 @@ def server(
     import tempfile
 
     from rich.console import Console
-
     from sftool.bench_server import BenchConfig, print_server_bench, run_server_bench
 
     err = Console(stderr=True, highlight=False)
