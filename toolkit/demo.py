@@ -555,6 +555,10 @@ def demo_command(
         t = time.perf_counter()
         endpoint = f"tcp://127.0.0.1:{port or free_port()}"
         run_dir = out / "run"
+        if (run_dir / "run.json").is_file():  # an earlier demo's run: serve appends to metrics.jsonl
+            import shutil
+
+            shutil.rmtree(run_dir)
         serve_args = [
             "serve", "--model", source, "--artifacts", artifacts, "--bind", endpoint, "--out", run_dir,
             "--devices", str(n_devices), "--label-names", ",".join(names), "--eval-data", eval_file,
