@@ -128,7 +128,7 @@ def test_ctrl_c_stops_every_child(tiny_model, tiny_artifacts, tmp_path):
             break
     assert any("joined" in line for line in seen), "".join(seen)
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    rest, _ = proc.communicate(timeout=180)  # cleanup, not speed, is under test; CI machines may be busy
     assert proc.returncode == 130, "".join(seen) + rest
     assert rest.strip().splitlines()[-1] == "interrupted"
     assert_all_gone(child_pids(out))
