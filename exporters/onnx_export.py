@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -70,36 +72,23 @@ def _export_onnx(module, path: Path, exporter: str, opset: int, example: tuple) 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     axes = {"batch": 0, "seq": 1}
     dynamic_axes = {name: dict((v, k) for k, v in axes.items()) for name in [*INPUT_NAMES, OUTPUT_NAME]}
-    with warnings.catch_warnings():
+    dynamo = exporter == "dynamo"
+    # The dynamo exporter writes external data unless told not to, and narrates every stage on
+    # stdout; keep the CLI's output readable.
+    extra = {"external_data": False} if dynamo else {}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            import contextlib
-            import io
-
-            # The dynamo exporter narrates every stage on stdout; keep the CLI's output readable.
-            with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(
-                    module,
-                    example,
-                    str(path),
-                    input_names=INPUT_NAMES,
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes=dynamic_axes,
-                    opset_version=max(opset, 18),
-                    dynamo=True,
-                    external_data=False,
-                )
-        else:
-            torch.onnx.export(
-                module,
-                example,
-                str(path),
-                input_names=INPUT_NAMES,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                dynamo=False,
-            )
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+            opset_version=max(opset, 18) if dynamo else opset,
+            dynamo=dynamo,
+            **extra,
+        )
 
 
 def parity_inputs(vocab_size: int, shapes: list[tuple[int, int]], seed: int, pad_id: int):

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cli_helpers import run_cli, spawn
+from cli_helpers import one_line_error, run_cli, spawn
 from tiny_models import make_tiny_model, synthetic_rows, write_jsonl
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def test_serve_missing_artifacts(tiny_model, tmp_path):

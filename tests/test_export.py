@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from cli_helpers import run_cli
+from cli_helpers import one_line_error, run_cli
 from conftest import FAMILIES, SPLIT
 from sftool.runtime.manifest import load_manifest, sha256_file
 
@@ -52,14 +52,6 @@ def test_export_cli_several_splits(tiny_model, tmp_path):
     for k in (1, 3):
         assert load_manifest(out / f"split-{k}").split == k
     assert "max abs diff" in result.output
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def test_export_split_out_of_range(tiny_model, tmp_path):
