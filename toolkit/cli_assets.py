@@ -35,7 +35,9 @@ def fetch_cmd(
         "--tokenizer", help="Also build the GPT-2 fast tokenizer from gpt2.tiktoken.")] = False,
 ) -> None:
     """Download what is missing, verify every file's sha256, and print where each asset is."""
-    progress = lambda msg: typer.echo(msg, err=True)
+    def progress(msg: str) -> None:
+        typer.echo(msg, err=True)
+
     try:
         paths = assets.fetch(only, progress)
         extra: list[tuple[str, str]] = []
