@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def _default_sigint() -> None:
+    # A test run started in the background by a non-interactive shell inherits SIGINT as ignored,
+    # and Python then never raises KeyboardInterrupt: give children the normal Ctrl-C behaviour.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """`sftool ARGS...` as a child process with captured output."""
     return subprocess.Popen(
@@ -26,6 +33,7 @@ def spawn(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
+        preexec_fn=_default_sigint,
         **kwargs,
     )
 
