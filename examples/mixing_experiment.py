@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sftool.runtime.files import free_port
 
 SFTOOL = [sys.executable, "-m", "sftool.cli"]
 RUNS = {
@@ -30,12 +31,6 @@ RUNS = {
     "iid-mix": {"scheme": "iid", "mixing": "mix", "order": "concurrent", "precision": "fp32"},
     "labels1-int8": {"scheme": "labels:1", "mixing": "mix", "order": "concurrent", "precision": "int8"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: list[str], log: Path) -> None:

@@ -19,13 +19,6 @@ from sftool.errors import SftoolError
 MERGED_PARITY_TOLERANCE = 1e-4
 
 
-def _run_record(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise SftoolError(f"{run_dir} is not an sftool run folder (no readable run.json)") from None
-
-
 def _staged(out: Path):
     """A temporary folder beside ``out``; ``commit()`` moves it into place."""
     out = Path(out)
@@ -48,8 +41,9 @@ def merge_run(run_dir: Path, out: Path, log: Callable[[str], None] = print) -> P
     """Merge a run's adapter (LoRA + head) into its base model; write a Hugging Face folder."""
     from peft import PeftModel
     from sftool.exporters.model_source import load_model, load_tokenizer
+    from sftool.server.serve import read_run_record
 
-    record = _run_record(run_dir)
+    record = read_run_record(run_dir)
     adapter = Path(run_dir) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise SftoolError(f"{run_dir} has no trained adapter")

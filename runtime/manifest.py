@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sftool.errors import SftoolError
+from sftool.runtime.files import atomic_write_text
 from sftool.runtime.protocol import BatchSchema
 
 MANIFEST_NAME = "manifest.json"
@@ -98,11 +98,7 @@ class Manifest:
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (a half-written manifest must never be read as valid)."""
-    path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, manifest.to_json())
 
 
 def manifest_sha256(folder: Path) -> str:

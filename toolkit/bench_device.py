@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
+from sftool.runtime.files import atomic_write_text
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PATHS = ("ort_int8", "ort_fp32", "torch_forward", "splitlora_device", "fedlora_device")
@@ -457,9 +458,7 @@ def print_device_bench(results: dict, console=None) -> None:
 def write_results(results: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from sftool.runtime.files import free_port
 
 BACKWARD_MODES = ("decomposed", "input_grad", "full_graph")
 
@@ -59,12 +59,6 @@ def _reset_peak() -> None:
             fh.write("5")  # resets VmHWM to the current RSS
     except OSError:
         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_model(cfg: BenchConfig):
@@ -216,7 +210,7 @@ def bench_server_path(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
             return OutgoingBatch(seq, cfg.batch_size, frames)
 
     def through_server() -> float:
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
         with tempfile.TemporaryDirectory() as out:
             opts = ServeOptions(
                 source=cfg.model, artifacts=[cfg.artifacts], bind=endpoint, out=Path(out), devices=1,
@@ -250,7 +244,7 @@ def bench_schedules(cfg: BenchConfig, data_files: list[Path], log: Callable[[str
     walls: dict[str, list[float]] = {"pipelined": [], "sequential": []}
     for _ in range(max(1, cfg.repeats // 3)):
         for schedule in walls:
-            endpoint = f"tcp://127.0.0.1:{_free_port()}"
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
             with tempfile.TemporaryDirectory() as out:
                 env = {**os.environ}
                 server = subprocess.Popen(

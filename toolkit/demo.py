@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sftool.errors import SftoolError
+from sftool.runtime.files import free_port
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: Each child's last lines, quoted when it fails.
@@ -198,12 +198,6 @@ def run_child(children: Children, name: str, args: list[str], style: str, deadli
     if child.returncode != 0:
         raise SftoolError(f"{name} exited with code {child.returncode}: {child.last_line()}")
     return child
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------- phases

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from sftool.runtime.files import atomic_write_text
 
 INDEX = "index.json"
 
@@ -100,9 +101,7 @@ class ActivationCache:
             fh.flush()
             os.fsync(fh.fileno())
         data = {d: {str(k): [e.offset, e.length, e.label] for k, e in entries.items()} for d, entries in self._index.items()}
-        tmp = self.folder / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.folder / INDEX)
+        atomic_write_text(self.folder / INDEX, json.dumps(data))
 
     def load_index(self) -> None:
         path = self.folder / INDEX

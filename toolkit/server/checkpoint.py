@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from sftool.errors import SftoolError
+from sftool.runtime.files import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -63,9 +64,7 @@ def save_checkpoint(run_dir: Path, model, trainer, mixing_rng: random.Random, pr
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = root / f".{LATEST}.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / LATEST)
+    atomic_write_text(root / LATEST, name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

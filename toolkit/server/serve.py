@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import signal
 import threading
@@ -20,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from sftool.errors import SftoolError
 from sftool.runtime.device_client import ranges_to_set, set_to_ranges
+from sftool.runtime.files import atomic_write_text
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.server.activation_cache import ActivationCache
@@ -117,9 +117,7 @@ def _check_model_matches(model: SplitServerModel, manifests: list[tuple[Path, Ma
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class StreamTrainer:
@@ -426,9 +424,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         at = record.get("step", record.get("eval", {}).get("step", 0))
         if at <= step:
             keep.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def serve(
@@ -519,12 +515,17 @@ def _stop_on_sigterm(stream: StreamTrainer) -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def load_run_options(run_dir: Path) -> ServeOptions:
-    """The options a run was started with (from its run.json), to resume it."""
+def read_run_record(run_dir: Path) -> dict:
+    """A run folder's run.json: source, artifacts, labels and the options it was started with."""
     try:
-        record = json.loads((Path(run_dir) / "run.json").read_text())
+        return json.loads((Path(run_dir) / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise SftoolError(f"{run_dir} is not an sftool run folder (no readable run.json)") from None
+
+
+def load_run_options(run_dir: Path) -> ServeOptions:
+    """The options a run was started with (from its run.json), to resume it."""
+    record = read_run_record(run_dir)
     o = dict(record["options"])
     o["lora"] = LoraSettings(**o["lora"])
     o["optim"] = OptimSettings(**o["optim"])
