@@ -9,8 +9,9 @@ the real SmolLM2-135M-Instruct at split 6 and the SST-2 re-split, 3 device proce
   iid-mix         IID shards, mixing on: the reference
   labels1-int8    as labels1-mix with int8 devices (accuracy cost of int8 activations)
 
-Usage: python examples/mixing_experiment.py --out runs/mixing [--runs labels1-mix,iid-mix] [--epochs 2]
-Writes OUT/results.json and OUT/results.md.
+Usage: python examples/mixing_experiment.py --out runs/mixing [--runs labels1-mix,iid-mix] [--epochs 2] [--seeds 0,1]
+Writes OUT/results.json and OUT/results.md (one row per run and seed, then the mean per run). The seed
+sets the server's head initialisation and mixing draws; device shards stay the same.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ def run(args: list[str], log: Path) -> None:
         subprocess.run([*SFTOOL, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, check=True)
 
 
-def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Namespace) -> dict:
+def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Namespace, seed: int) -> dict:
     shards = out / f"shards-{spec['scheme'].replace(':', '')}"
     if not (shards / "eval.jsonl").is_file():
         run(["data", "split", "--dataset", "sst2", "--devices", "3", "--scheme", spec["scheme"], "--seed", "0",
              "--out", shards], out / f"split-{name}.log")
     label_names = ",".join(json.loads((shards / "label_map.json").read_text())["label_names"])
+    base, name = name, f"{name}-s{seed}" if seed else name  # logs and run folder per seed
     run_dir = out / name
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     started = time.perf_counter()
@@ -51,7 +53,8 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
         [*SFTOOL, "serve", "--model", opts.model, "--artifacts", str(artifacts), "--bind", endpoint, "--out", str(run_dir),
          "--devices", "3", "--label-names", label_names, "--eval-data", str(shards / "eval.jsonl"),
          "--mixing", spec["mixing"], "--batch-size", "16", "--mix-capacity", str(opts.mix_capacity),
-         "--lr", str(opts.lr), "--warmup-steps", "4", "--eval-precision", spec["precision"], "--checkpoint-every", "0"],
+         "--lr", str(opts.lr), "--warmup-steps", "4", "--eval-precision", spec["precision"], "--checkpoint-every", "0",
+         "--seed", str(seed)],
         stdout=open(out / f"serve-{name}.log", "w"), stderr=subprocess.STDOUT,
     )
 
@@ -76,8 +79,9 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
         raise RuntimeError(f"{name}: server failed, see {out / f'serve-{name}.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
-        "run": name,
         **spec,
+        "run": base,
+        "seed": seed,
         "eval_accuracy_before": summary["eval_before"]["accuracy"],
         "eval_accuracy_after": summary["eval_after"]["accuracy"],
         "eval_n": summary["eval_after"]["n"],
@@ -96,22 +100,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--mix-capacity", type=int, default=256)
+    parser.add_argument("--seeds", default="0", help="comma list; each run is repeated once per seed")
     opts = parser.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     artifacts = opts.out / "artifacts"
     if not (artifacts / "manifest.json").is_file():
         run(["export", "--model", opts.model, "--split", str(opts.split), "--out", artifacts], opts.out / "export.log")
     results = []
-    for name in opts.runs.split(","):
-        print(f"run {name} ...", flush=True)
-        results.append(one_run(name, RUNS[name], opts.out, artifacts, opts))
-        print(json.dumps(results[-1]), flush=True)
-        (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| run | shards | mixing | device order | devices | eval acc before | eval acc after | samples | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    for seed in seeds:  # seed-major: a cut-short experiment still has every run once
+        for name in opts.runs.split(","):
+            print(f"run {name} seed {seed} ...", flush=True)
+            results.append(one_run(name, RUNS[name], opts.out, artifacts, opts, seed))
+            print(json.dumps(results[-1]), flush=True)
+            (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| run | seed | shards | mixing | device order | devices | eval acc before | eval acc after | samples | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r['scheme']} | {r['mixing']} | {r['order']} | {r['precision']} | "
+        lines.append(f"| {r['run']} | {r['seed']} | {r['scheme']} | {r['mixing']} | {r['order']} | {r['precision']} | "
                      f"{r['eval_accuracy_before']:.4f} | {r['eval_accuracy_after']:.4f} | {r['samples_trained']} | {r['wall_s']:.0f} |")
+    if len(seeds) > 1:
+        lines += ["", "| run | seeds | mean eval acc after | min | max |", "|---|---|---|---|---|"]
+        for name in opts.runs.split(","):
+            accs = [r["eval_accuracy_after"] for r in results if r["run"] == name]
+            lines.append(f"| {name} | {len(accs)} | {sum(accs) / len(accs):.4f} | {min(accs):.4f} | {max(accs):.4f} |")
     (opts.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 from sftool import __version__
 from sftool.errors import SftoolError
+from sftool.exporters.quantize import SMOOTH_ALPHA
 from sftool.runtime.manifest import MANIFEST_NAME, Manifest, Variant, sha256_file, write_manifest
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -44,8 +45,8 @@ class ExportOptions:
     #: onnxruntime graph optimization saved into the files: "extended" (default) or "basic" -- both
     #: portable to ARM64 -- or "none". ("all" adds layouts specific to the exporting CPU: refused.)
     graph_optimization: str = "extended"
-    #: int8 MLP output projections: "auto" (fp32 only where int8 costs accuracy), "int8" or "fp32".
-    int8_mlp_out: str = "auto"
+    #: SmoothQuant migration strength for the int8 variants (0 turns smoothing off).
+    int8_smooth_alpha: float = SMOOTH_ALPHA
 
 
 def _prepare_out(out: Path) -> None:
@@ -127,6 +128,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     import onnxruntime as ort
     import torch
     from sftool.exporters.families import adapter_for
+    from sftool.exporters.int8_prep import prepare_for_int8
     from sftool.exporters.model_source import load_model, load_tokenizer, pad_token_id
     from sftool.exporters.partition import DevicePart, check_split, weights_fingerprint
     from sftool.exporters.quantize import (
@@ -200,12 +202,21 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
         text_parity = ort_parity(staging / DEVICE_ONNX, calibration, torch_reference(device_part, calibration))
         method = f"torch.onnx/{opts.exporter}" + ("" if opts.graph_optimization == "none" else f" + ort.{opts.graph_optimization}")
         variants = [Variant(DEVICE_ONNX, "fp32", "any", method, text_parity)]
+        plain.unlink()
         if targets:
+            hidden = adapter.hidden_size(model.config)
+            smoothing = bool(opts.int8_smooth_alpha > 0 and any(adapter.smoothing_pairs(b) for b in device_part.blocks))
+            note = (f"smoothquant alpha={opts.int8_smooth_alpha:g}, " if smoothing else "") + "per-token activation scales"
+            log(f"rewriting the device part for int8 activations ({note}) and exporting it")
+            prepared = prepare_for_int8(device_part, calibration, hidden, opts.int8_smooth_alpha)
+            int8_source = staging / f".{DEVICE_ONNX}.int8-source"
+            _export_onnx(prepared, int8_source, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
+            del prepared
             variants += quantize_variants(
                 staging, targets, device_part, tokenizer, max_seq_len, pad_id, log,
-                source_model=plain, graph_optimization=opts.graph_optimization, mlp_out=opts.int8_mlp_out,
+                source_model=int8_source, recipe_note=note, graph_optimization=opts.graph_optimization,
             )
-        plain.unlink()
+            int8_source.unlink()
 
         files = {
             str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}

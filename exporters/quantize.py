@@ -2,17 +2,16 @@
 
 Recipe (measured on SmolLM2-135M split 6 and a GPT-2-small-shaped model; numbers in docs/device.md):
 
-- ``onnxruntime.quantization.quantize_dynamic``: weights int8 per output channel (symmetric), activations
-  quantized per tensor at run time, only MatMul/Gemm with a constant weight ("weights-only": the
-  activation x activation MatMuls of attention stay fp32) plus the embedding table (Gather). It was as
-  fast as optimum's ``AutoQuantizationConfig`` recipes and at least as accurate, and needs onnxruntime only.
-- The MLP output projections (``down_proj``, GPT-2 ``mlp.c_proj``) are kept fp32 when quantizing them
-  costs accuracy (``mlp_out="auto"``: every weight int8 first; if the mean cosine on the calibration
-  text is below ALL_INT8_MIN_COSINE, again with those projections fp32). Their input carries the
-  activation outliers of real LLMs (SmolLM2: |x| up to 96 where 99.9% of values are below 1), and a
-  per-tensor int8 activation scale wipes out everything else in that tensor: all-int8 SmolLM2 split 6
-  has mean cosine 0.967 and agrees with fp32 on 82% of zero-shot SST-2 answers; with the projections
-  fp32, 0.998 and 96%. Without outliers (random weights) all-int8 keeps 0.9995 and is ~1.8x faster.
+- The device part is first rewritten for int8 activations (``exporters/int8_prep.py``): SmoothQuant
+  scales where the family allows (outlier channels move into the weights) and per-token activation
+  scales around every projection (per group of input channels for the MLP output projection). Both
+  are exact in fp32; the rewritten part is exported once more and that graph is quantized.
+- ``onnxruntime.quantization.quantize_dynamic``: weights int8 per output channel (symmetric),
+  activations quantized per tensor at run time -- per token, in effect, after the rewrite -- only
+  MatMul/Gemm with a constant weight (the activation x activation MatMuls of attention stay fp32)
+  plus the embedding table (Gather). It was as fast as optimum's ``AutoQuantizationConfig`` recipes
+  and at least as accurate, and needs onnxruntime only. (``MatMulNBits`` 8-bit, the most accurate,
+  ran at fp32 speed on x86.)
 - Per target: ``arm64`` and ``avx512_vnni`` use full-range s8 weights (NEON sdot and VNNI accumulate in
   int32); ``avx2`` uses 7-bit weights (``reduce_range``), because AVX2's ``vpmaddubsw`` adds u8 x s8 pairs
   in int16 and saturates with full-range weights.
@@ -40,14 +39,13 @@ from sftool.runtime.manifest import Variant
 
 INT8_TARGETS = ("arm64", "avx512_vnni", "avx2")
 #: An int8 variant whose mean per-token cosine to fp32 PyTorch (on CALIBRATION_TEXTS) is below this is
-#: rejected. Measured: 0.998-0.999 with the recipe above on SmolLM2 split 6; 0.967 when the MLP output
-#: projections are quantized too (which cost 6 points of zero-shot SST-2 accuracy).
+#: rejected. Measured on SmolLM2 split 6: 0.998 with the recipe above; 0.967 with plain per-tensor int8
+#: (which cost 12 points of zero-shot SST-2 accuracy).
 MIN_MEAN_COSINE = 0.99
-#: With ``mlp_out="auto"``, an int8 model with every weight quantized is kept only if its mean cosine
-#: reaches this; otherwise the MLP output projections stay fp32 (SmolLM2 split 6: 0.975 -> 0.998).
-ALL_INT8_MIN_COSINE = 0.995
-MLP_OUT_CHOICES = ("auto", "int8", "fp32")
 METHOD = "ort.quantize_dynamic"
+#: SmoothQuant's migration strength (int8_prep): 0.5 balances activation and weight ranges; best of
+#: 0.3-0.85 on SmolLM2 with per-token scales.
+SMOOTH_ALPHA = 0.5
 
 #: Real English text for the parity check (bundled: an export must not need the network).
 CALIBRATION_TEXTS = (
@@ -135,33 +133,6 @@ def ort_optimize(src: Path, dst: Path, level: str = "extended") -> None:
     tmp.replace(dst)
 
 
-def mlp_output_projections(model_path: Path, hidden_size: int) -> list[str]:
-    """Nodes that project the MLP's wide hidden layer back to the residual stream.
-
-    They are the MatMul/Gemm nodes whose constant weight contracts a dimension wider than the model's
-    hidden size (``down_proj`` [intermediate, hidden], GPT-2 ``mlp.c_proj`` [4h, h]); every other weight
-    of a transformer block (q/k/v/o, gate/up, c_attn, c_fc) contracts exactly ``hidden_size``. The rule
-    reads the graph only, so it works for either exporter (dynamo or torchscript) and names nothing
-    family-specific.
-    """
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    found = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in shapes:
-            continue
-        dims = shapes[node.input[1]]
-        if len(dims) != 2:
-            continue
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute) if node.op_type == "Gemm" else False
-        contracted = dims[1] if trans_b else dims[0]
-        if contracted > hidden_size:
-            found.append(node.name)
-    return found
-
-
 def calibration_batch(staging: Path, tokenizer, max_seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """CALIBRATION_TEXTS as (input_ids, attention_mask), right-padded, tokenized exactly as a device does
     (``tokenizers`` with the exported ``tokenizer.json``)."""
@@ -198,7 +169,7 @@ def ort_parity(model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference
     return compare_outputs(reference, got, mask)
 
 
-def _quantize_one(source_model: Path, out: Path, recipe: Recipe, excluded: list[str], graph_optimization: str) -> None:
+def _quantize_one(source_model: Path, out: Path, recipe: Recipe, graph_optimization: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = out.with_name(f".{out.name}.plain")
@@ -210,8 +181,6 @@ def _quantize_one(source_model: Path, out: Path, recipe: Recipe, excluded: list[
                 per_channel=True,
                 reduce_range=recipe.reduce_range,
                 weight_type=QuantType.QInt8,
-                # The quantizer first rewrites a Gemm as MatMul (+Add) named "<gemm>_MatMul": exclude both names.
-                nodes_to_exclude=excluded + [f"{name}_MatMul" for name in excluded],
             )
         if graph_optimization == "none":
             tmp.replace(out)
@@ -234,64 +203,53 @@ def quantize_variants(
     pad_id: int,
     log: Callable[[str], None] = print,
     *,
-    source_model: Path | None = None,
-    mlp_out: str = "auto",
+    source_model: Path,
+    recipe_note: str = "",
     min_mean_cosine: float | None = None,
     graph_optimization: str = "extended",
 ) -> list[Variant]:
     """Write ``device.int8.<target>.onnx`` into ``staging`` for each target; return their Variants.
 
-    ``source_model`` is the fp32 ONNX file as exported (before graph optimization; quantizing the
-    plain graph and optimizing afterwards fuses the int8 ops); default ``staging/device.onnx``.
-    ``mlp_out``: ``auto`` quantizes every weight if that keeps the mean cosine at or above
-    ALL_INT8_MIN_COSINE and otherwise keeps the MLP output projections fp32; ``int8`` or ``fp32``
-    force one or the other. Raises SftoolError if a variant's mean cosine to fp32 PyTorch is below
-    ``min_mean_cosine`` (default: MIN_MEAN_COSINE).
+    ``source_model`` is the fp32 ONNX graph to quantize, as exported (before graph optimization:
+    quantizing the plain graph and optimizing afterwards fuses the int8 ops), normally the export of
+    ``int8_prep.prepare_for_int8(device_part)``; ``recipe_note`` says how it was prepared (recorded in
+    each variant's method). Parity is measured against ``device_part`` itself. Raises SftoolError if a
+    variant's mean cosine to fp32 PyTorch is below ``min_mean_cosine`` (default: MIN_MEAN_COSINE).
     """
     targets = resolve_targets(targets)
     if not targets:
         return []
-    if mlp_out not in MLP_OUT_CHOICES:
-        raise SftoolError(f"mlp_out must be one of {', '.join(MLP_OUT_CHOICES)}, not {mlp_out!r}")
     if min_mean_cosine is None:
         min_mean_cosine = MIN_MEAN_COSINE
     staging = Path(staging)
-    source_model = Path(source_model) if source_model else staging / "device.onnx"
     batch = calibration_batch(staging, tokenizer, max_seq_len, pad_id)
     reference = torch_reference(device_part, batch)
-    mlp_nodes = mlp_output_projections(source_model, int(reference.shape[-1]))
     log(
         f"int8 ({METHOD}, per-channel s8 weights) for {', '.join(targets)}; parity on {len(CALIBRATION_TEXTS)} "
         f"English sentences ({int(batch[1].sum())} tokens)"
     )
     variants = []
-    done: dict[Recipe, tuple[Path, dict[str, float], str]] = {}
+    done: dict[Recipe, tuple[Path, dict[str, float]]] = {}
     for target in targets:
         recipe = RECIPES[target]
         out = staging / int8_file(target)
         if recipe in done:  # same recipe, same bytes: copy instead of quantizing again
-            first, parity, kept = done[recipe]
+            first, parity = done[recipe]
             shutil.copyfile(first, out)
         else:
-            plans = {"auto": ["int8", "fp32"], "int8": ["int8"], "fp32": ["fp32"]}[mlp_out]
-            for i, plan in enumerate(plans):
-                _quantize_one(source_model, out, recipe, mlp_nodes if plan == "fp32" else [], graph_optimization)
-                parity = ort_parity(out, batch, reference)
-                kept = f"{len(mlp_nodes)} mlp-out fp32" if plan == "fp32" else "all int8"
-                log(
-                    f"int8/{target} ({kept}): {out.stat().st_size / 1e6:.1f} MB, mean cosine {parity['mean_cosine']:.5f}, "
-                    f"worst token {parity['min_cosine']:.5f}, max abs diff {parity['max_abs_diff']:.3g}"
-                )
-                if i + 1 < len(plans) and parity["mean_cosine"] < ALL_INT8_MIN_COSINE and mlp_nodes:
-                    log(f"int8/{target}: below {ALL_INT8_MIN_COSINE} with every weight int8: keeping the MLP output projections fp32")
-                    continue
-                break
-            done[recipe] = (out, parity, kept)
+            _quantize_one(Path(source_model), out, recipe, graph_optimization)
+            parity = ort_parity(out, batch, reference)
+            log(
+                f"int8/{target}: {out.stat().st_size / 1e6:.1f} MB, mean cosine {parity['mean_cosine']:.5f}, "
+                f"worst token {parity['min_cosine']:.5f}, max abs diff {parity['max_abs_diff']:.3g}"
+            )
+            done[recipe] = (out, parity)
         if parity["mean_cosine"] < min_mean_cosine:
             raise SftoolError(
                 f"the int8 model for {target} is too far from fp32 (mean cosine {parity['mean_cosine']:.4f} < "
                 f"{min_mean_cosine}); export without it (--int8 none) or use fp32 devices"
             )
-        method = f"{METHOD}(per_channel, s8{', reduce_range' if recipe.reduce_range else ''}; {kept})"
+        note = f"; {recipe_note}" if recipe_note else ""
+        method = f"{METHOD}(per_channel, s8{', reduce_range' if recipe.reduce_range else ''}{note})"
         variants.append(Variant(out.name, "int8", target, method, dict(parity)))
     return variants

@@ -9,7 +9,7 @@ position embeddings twice.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -76,6 +76,11 @@ class FamilyAdapter(ABC):
         out = layer(hidden, **context)
         # Some blocks return a tuple (hidden, attn...), others the tensor alone, depending on version.
         return out[0] if isinstance(out, tuple) else out
+
+    def smoothing_pairs(self, block: nn.Module) -> list[tuple[Callable[[torch.Tensor], None], list[nn.Module]]]:
+        """Where int8 smoothing may move activation outliers into weights, exactly: pairs of (divide the
+        producer's output channels by s, the projections that read them). None by default."""
+        return []
 
     def num_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)

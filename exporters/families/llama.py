@@ -3,7 +3,7 @@ passed to every block, GQA, usually tied input/output embeddings."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from sftool.exporters.families.base import FamilyAdapter
@@ -26,6 +26,17 @@ class LlamaAdapter(FamilyAdapter):
 
     def embed(self, modules: nn.ModuleDict, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return modules["embed_tokens"](input_ids)
+
+    def smoothing_pairs(self, block: nn.Module) -> list[tuple[Callable[[torch.Tensor], None], list[nn.Module]]]:
+        from sftool.exporters.int8_prep import divide_rows, divide_weight
+
+        attn, mlp = block.self_attn, block.mlp
+        return [
+            (divide_weight(block.input_layernorm), [attn.q_proj, attn.k_proj, attn.v_proj]),
+            (divide_weight(block.post_attention_layernorm), [mlp.gate_proj, mlp.up_proj]),
+            # down_proj reads act(gate) * up: scaling up's output channel scales that product's channel.
+            (divide_rows(mlp.up_proj), [mlp.down_proj]),
+        ]
 
     def context(
         self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
