@@ -9,6 +9,9 @@ the real SmolLM2-135M-Instruct at split 6 and the SST-2 re-split, 3 device proce
   iid-mix         IID shards, mixing on: the reference
   labels1-int8    as labels1-mix with int8 devices (accuracy cost of int8 activations)
 
+After each run the trained model is also evaluated with the other device precision (`sftool evaluate
+RUN --precision`), a paired comparison free of training noise.
+
 Usage: python examples/mixing_experiment.py --out runs/mixing [--runs labels1-mix,iid-mix] [--epochs 2] [--seeds 0,1]
 Writes OUT/results.json and OUT/results.md (one row per run and seed, then the mean per run). The seed
 sets the server's head initialisation and mixing draws; device shards stay the same.
@@ -78,6 +81,10 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
     if server.wait() != 0:
         raise RuntimeError(f"{name}: server failed, see {out / f'serve-{name}.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    # The same trained model with the other device precision: a paired look at what int8 costs at inference.
+    other = "int8" if spec["precision"] == "fp32" else "fp32"
+    cross_file = out / f"eval-{name}-{other}.json"
+    run(["evaluate", run_dir, "--precision", other, "--out", cross_file], out / f"evaluate-{name}.log")
     return {
         **spec,
         "run": base,
@@ -85,6 +92,7 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
         "eval_accuracy_before": summary["eval_before"]["accuracy"],
         "eval_accuracy_after": summary["eval_after"]["accuracy"],
         "eval_n": summary["eval_after"]["n"],
+        "eval_accuracy_after_other_precision": {other: json.loads(cross_file.read_text())["accuracy"]},
         "samples_trained": summary["samples_trained"],
         "steps": summary["steps"],
         "wall_s": time.perf_counter() - started,
@@ -114,11 +122,14 @@ def main() -> None:
             results.append(one_run(name, RUNS[name], opts.out, artifacts, opts, seed))
             print(json.dumps(results[-1]), flush=True)
             (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| run | seed | shards | mixing | device order | devices | eval acc before | eval acc after | samples | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | seed | shards | mixing | device order | devices | eval acc before | eval acc after "
+             "| same model, other devices | samples | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        (other, acc), = r["eval_accuracy_after_other_precision"].items()
         lines.append(f"| {r['run']} | {r['seed']} | {r['scheme']} | {r['mixing']} | {r['order']} | {r['precision']} | "
-                     f"{r['eval_accuracy_before']:.4f} | {r['eval_accuracy_after']:.4f} | {r['samples_trained']} | {r['wall_s']:.0f} |")
+                     f"{r['eval_accuracy_before']:.4f} | {r['eval_accuracy_after']:.4f} | {acc:.4f} ({other}) | "
+                     f"{r['samples_trained']} | {r['wall_s']:.0f} |")
     if len(seeds) > 1:
         lines += ["", "| run | seeds | mean eval acc after | min | max |", "|---|---|---|---|---|"]
         for name in opts.runs.split(","):

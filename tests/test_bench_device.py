@@ -12,7 +12,7 @@ from sftool.bench_device import PATHS, DeviceBenchConfig, run_device_bench
 def test_bench_device_tiny_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli("bench", "device", "--tiny", "--samples", "12", "--batch-size", "4", "--repeats", "2",
-                     "--threads", "1", "--no-memory", "--out", out)
+                     "--threads", "1", "--no-memory", "--epochs", "2", "--out", out)
     assert result.exit_code == 0, result.output
     assert "SplitFrozen" in result.output and "targets" in result.output
     results = json.loads(out.read_text())
@@ -26,6 +26,12 @@ def test_bench_device_tiny_cli_writes_json(tmp_path):
     assert wire["fp16_padded"] < wire["fp32_padded"]
     assert [t["target"] for t in results["targets"]][0] == "int8 speed-up over torch eager forward"
     assert all(t["met"] in (True, False) for t in results["targets"])
+    run, ms = results["training_run"], {n: p["ms_per_sample"] for n, p in results["paths"].items()}
+    assert run["epochs"] == 2 and "2-epoch run" in result.output
+    # a frozen device computes each sample once per run; training devices compute every epoch
+    assert run["ms_per_training_sample"]["splitlora_device"] == 2 * ms["splitlora_device"]
+    below = run["device_time_below"]["1 - ort_int8 cached / splitlora_device"]
+    assert below == 1 - ms["ort_int8"] / (2 * ms["splitlora_device"])
 
 
 def test_bench_device_memory_of_onnxruntime_paths_without_torch(tmp_path):

@@ -10,7 +10,7 @@ import json
 import time
 
 import pytest
-from cli_helpers import spawn, torch_blocked_env
+from cli_helpers import one_line_error, run_cli, spawn, torch_blocked_env
 from conftest import FAMILIES
 from tiny_models import synthetic_rows, write_jsonl
 
@@ -66,4 +66,12 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
     # Held-out evaluation through the exported device part + the trained server part.
     assert summary["eval_before"]["n"] == 100 and summary["eval_before"]["step"] == 0
     assert summary["eval_after"]["accuracy"] > 0.85, summary["eval_after"]
+    # `sftool evaluate` rebuilds the trained model from the run folder alone and gets the same result.
+    result = run_cli("evaluate", run, "--out", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["accuracy"] == summary["eval_after"]["accuracy"] and again["n"] == 100
+    assert again["loss"] == pytest.approx(summary["eval_after"]["loss"], rel=1e-5)
+    result = run_cli("evaluate", run, "--precision", "int8")  # this export has no int8 model
+    assert "no int8 model" in one_line_error(result)
     print(f"{family}: accuracy {accuracy:.3f} over the last {len(tail)} steps, {elapsed:.1f}s end to end")

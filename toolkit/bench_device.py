@@ -70,6 +70,9 @@ class DeviceBenchConfig:
     #: Texts are truncated to this many tokens; the fp32 wire baseline pads every row to it.
     max_len: int = 128
     lora_rank: int = 8
+    #: Epochs of the training run in the per-run view: with ``sftool serve --cache-activations`` a
+    #: SplitFrozen device computes each sample once, while SplitLoRA and FedLoRA devices train every epoch.
+    epochs: int = 3
     memory: bool = True
     #: A tiny random Llama and bundled sentences instead of SmolLM2 + SST-2 (a quick look).
     tiny: bool = False
@@ -381,7 +384,26 @@ def run_device_bench(cfg: DeviceBenchConfig, log: Callable[[str], None] = print)
         "memory_method": "peak RSS (VmHWM) of a fresh subprocess per path; baseline = RSS after its imports",
     }
     results["targets"] = _targets(median, wire)
+    results["training_run"] = training_run_view(median, cfg.epochs)
     return results
+
+
+def training_run_view(median: dict[str, float], epochs: int) -> dict:
+    """Device compute per training sample over a whole ``epochs``-epoch run (not a target of issue 9,
+    which is per pass): a frozen device's activations never change, so with the server's activation
+    cache it computes each sample once; a SplitLoRA or FedLoRA device updates its weights and must
+    compute every epoch again."""
+    epochs = max(1, int(epochs))
+    per_run = {"ort_int8 (cached activations)": median["ort_int8"], "ort_int8 (no cache)": median["ort_int8"] * epochs}
+    for name in ("splitlora_device", "fedlora_device"):
+        if name in median:
+            per_run[name] = median[name] * epochs
+    below = {
+        f"1 - ort_int8 cached / {name}": 1 - _ratio(per_run["ort_int8 (cached activations)"], per_run[name])
+        for name in ("splitlora_device", "fedlora_device")
+        if name in per_run
+    }
+    return {"epochs": epochs, "ms_per_training_sample": per_run, "device_time_below": below}
 
 
 def _machine(threads: int, loadavg_start) -> dict:
@@ -453,6 +475,16 @@ def print_device_bench(results: dict, console=None) -> None:
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[t["met"]]
         targets.add_row(t["target"], show(t["value"]), f"{t['op']} {show(t['threshold'])}", met)
     console.print(targets)
+    run = results.get("training_run")
+    if run:
+        view = Table(title=f"device compute per sample over a whole {run['epochs']}-epoch run (per run, not per pass)")
+        view.add_column("device")
+        view.add_column("ms / sample", justify="right")
+        for name, ms in run["ms_per_training_sample"].items():
+            view.add_row(name, f"{ms:.2f}")
+        for name, value in run["device_time_below"].items():
+            view.add_row(name, f"{value:.1%}")
+        console.print(view)
 
 
 def write_results(results: dict, path: Path) -> None:

@@ -320,6 +320,29 @@ def serve(
     _print_summary(summary)
 
 
+@app.command()
+@user_errors
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder written by `sftool serve`."),
+    precision: str = typer.Option("fp32", help="Device variant that computes the activations: fp32, int8 or auto."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL/CSV to evaluate on (default: the run's --eval-data)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
+) -> None:
+    """Evaluate a trained run through its device artifacts (fp32 or int8): accuracy and loss."""
+    import json
+
+    from sftool.runtime.files import atomic_write_text
+    from sftool.server.serve import evaluate_run
+
+    if precision not in ("fp32", "int8", "auto"):
+        raise SftoolError("--precision must be fp32, int8 or auto")
+    result = evaluate_run(run, precision, data, log_line=lambda m: typer.echo(f"evaluate: {m}", err=True))
+    typer.echo(f"{run}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} on {result['n']} rows "
+               f"({result['precision']} device activations)")
+    if out:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+
+
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 

@@ -33,6 +33,7 @@ def device(
     threads: Optional[int] = typer.Option(None, help="Threads for onnxruntime and torch alike (default: all cores)."),
     max_len: int = typer.Option(128, help="Truncate texts to this many tokens; the fp32 wire baseline pads to it."),
     lora_rank: int = typer.Option(8, help="LoRA rank of the SplitLoRA and FedLoRA devices."),
+    epochs: int = typer.Option(3, help="Epochs of the training run in the per-run view (cached activations vs per-epoch training)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per path (a fresh subprocess each)."),
     paths: Optional[str] = typer.Option(None, help="Comma list of paths (default: all): ort_int8, ort_fp32, torch_forward, splitlora_device, fedlora_device."),
     tiny: bool = typer.Option(False, "--tiny", help="A tiny random model and bundled sentences: a quick look, not a measurement."),
@@ -44,11 +45,11 @@ def device(
 
     err = Console(stderr=True, highlight=False)
     try:
-        if samples < 1 or batch_size < 1 or repeats < 1 or max_len < 1:
-            raise SftoolError("--samples, --batch-size, --repeats and --max-len must be >= 1")
+        if samples < 1 or batch_size < 1 or repeats < 1 or max_len < 1 or epochs < 1:
+            raise SftoolError("--samples, --batch-size, --repeats, --max-len and --epochs must be >= 1")
         cfg = DeviceBenchConfig(
             model=model, split=split, artifacts=artifacts, samples=samples, batch_size=batch_size, repeats=repeats,
-            threads=threads, max_len=max_len, lora_rank=lora_rank, memory=memory, tiny=tiny,
+            threads=threads, max_len=max_len, lora_rank=lora_rank, epochs=epochs, memory=memory, tiny=tiny,
             paths=[p.strip() for p in paths.split(",") if p.strip()] if paths else list(PATHS),
         )
         results = run_device_bench(cfg, log=lambda m: err.print(f"[dim]bench:[/] {m}"))

@@ -12,7 +12,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -114,6 +114,47 @@ def _check_model_matches(model: SplitServerModel, manifests: list[tuple[Path, Ma
                 f"the server's copy of blocks 0..{m.split - 1} differs from the weights exported in {folder}: "
                 "serve the same model the devices were exported from"
             )
+
+
+def _build_model(opts: ServeOptions, log_line: Callable[[str], None]) -> tuple[SplitServerModel, list[tuple[Path, Manifest]]]:
+    manifests = [(Path(f), load_manifest(f, verify_files=False)) for f in opts.artifacts]
+    log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
+    model = SplitServerModel(
+        SplitModelSpec(opts.source, opts.num_labels, [m.split for _, m in manifests], manifests[0][1].pad_token_id, opts.lora)
+    )
+    _check_model_matches(model, manifests)
+    return model, manifests
+
+
+def evaluate_run(
+    run_dir: Path, precision: str = "fp32", eval_data: Path | None = None, log_line: Callable[[str], None] = print
+) -> dict:
+    """Evaluate a finished run's adapter (LoRA + head) through its device artifacts in ``precision``.
+
+    The same trained model with fp32 or int8 device activations is a paired comparison: it isolates
+    what int8 costs at inference from the run-to-run noise of training.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    opts = replace(load_run_options(run_dir), eval_precision=precision)
+    if eval_data is not None:
+        opts = replace(opts, eval_data=Path(eval_data))
+    if opts.eval_data is None:
+        raise SftoolError(f"{run_dir} was trained without --eval-data; give the data to evaluate on")
+    weights_file = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise SftoolError(f"{run_dir} has no trained adapter")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    model, manifests = _build_model(opts, log_line)
+    result = set_peft_model_state_dict(model.peft_model, load_file(str(weights_file)))
+    if getattr(result, "unexpected_keys", None):
+        raise SftoolError(f"{weights_file} does not fit this model ({len(result.unexpected_keys)} unexpected keys)")
+    evaluator = _make_evaluator(opts, model, manifests)
+    device = evaluator.device.variant
+    outcome = evaluator.evaluate().as_dict()
+    return {**outcome, "precision": f"{device.precision}/{device.target}", "eval_data": str(opts.eval_data)}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -447,12 +488,7 @@ def serve(
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     accepted = _load_accepted(opts)
-    manifests = [(Path(f), load_manifest(f, verify_files=False)) for f in opts.artifacts]
-    log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
-    model = SplitServerModel(
-        SplitModelSpec(opts.source, opts.num_labels, [m.split for _, m in manifests], manifests[0][1].pad_token_id, opts.lora)
-    )
-    _check_model_matches(model, manifests)
+    model, manifests = _build_model(opts, log_line)
     evaluator = _make_evaluator(opts, model, manifests)  # before binding: a bad eval file fails fast
     n_train = sum(p.numel() for p in model.trainable_parameters())
     log_line(f"training blocks {model.train_from}..{model.num_layers - 1} with LoRA r={opts.lora.rank} + head: {n_train:,} trainable parameters")
