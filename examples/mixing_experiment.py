@@ -8,6 +8,9 @@ the real SmolLM2-135M-Instruct at split 6 and the SST-2 re-split, 3 device proce
                   (--mixing fifo): device-by-device training, what plain split learning does
   iid-mix         IID shards, mixing on: the reference
   labels1-int8    as labels1-mix with int8 devices (accuracy cost of int8 activations)
+  iid1-seq-fp32   one device with every training row, sequential schedule (ACK after each step): the
+  iid1-seq-int8   run is deterministic, so fp32 vs int8 devices at the same seed differ only by the
+                  device's precision (labels1-* runs vary by several points from run to run)
 
 After each run the trained model is also evaluated with the other device precision (`sftool evaluate
 RUN --precision`), a paired comparison free of training noise.
@@ -34,6 +37,8 @@ RUNS = {
     "labels1-order": {"scheme": "labels:1", "mixing": "fifo", "order": "sequential", "precision": "fp32"},
     "iid-mix": {"scheme": "iid", "mixing": "mix", "order": "concurrent", "precision": "fp32"},
     "labels1-int8": {"scheme": "labels:1", "mixing": "mix", "order": "concurrent", "precision": "int8"},
+    "iid1-seq-fp32": {"scheme": "iid", "mixing": "mix", "order": "concurrent", "precision": "fp32", "devices": 1, "schedule": "sequential"},
+    "iid1-seq-int8": {"scheme": "iid", "mixing": "mix", "order": "concurrent", "precision": "int8", "devices": 1, "schedule": "sequential"},
 }
 
 
@@ -43,9 +48,10 @@ def run(args: list[str], log: Path) -> None:
 
 
 def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Namespace, seed: int) -> dict:
-    shards = out / f"shards-{spec['scheme'].replace(':', '')}"
+    devices = spec.get("devices", 3)
+    shards = out / f"shards-{spec['scheme'].replace(':', '')}" if devices == 3 else out / f"shards-{spec['scheme']}-{devices}"
     if not (shards / "eval.jsonl").is_file():
-        run(["data", "split", "--dataset", "sst2", "--devices", "3", "--scheme", spec["scheme"], "--seed", "0",
+        run(["data", "split", "--dataset", "sst2", "--devices", str(devices), "--scheme", spec["scheme"], "--seed", "0",
              "--out", shards], out / f"split-{name}.log")
     label_names = ",".join(json.loads((shards / "label_map.json").read_text())["label_names"])
     base, name = name, f"{name}-s{seed}" if seed else name  # logs and run folder per seed
@@ -54,7 +60,7 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
     started = time.perf_counter()
     server = subprocess.Popen(
         [*SFTOOL, "serve", "--model", opts.model, "--artifacts", str(artifacts), "--bind", endpoint, "--out", str(run_dir),
-         "--devices", "3", "--label-names", label_names, "--eval-data", str(shards / "eval.jsonl"),
+         "--devices", str(devices), "--schedule", spec.get("schedule", "pipelined"), "--label-names", label_names, "--eval-data", str(shards / "eval.jsonl"),
          "--mixing", spec["mixing"], "--batch-size", "16", "--mix-capacity", str(opts.mix_capacity),
          "--lr", str(opts.lr), "--warmup-steps", "4", "--eval-precision", spec["precision"], "--checkpoint-every", "0",
          "--seed", str(seed)],
@@ -70,12 +76,12 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
         )
 
     if spec["order"] == "sequential":
-        for i in range(3):  # device-by-device: the next starts when the previous is done
+        for i in range(devices):  # device-by-device: the next starts when the previous is done
             proc = device(i)
             if proc.wait() != 0:
                 raise RuntimeError(f"{name}: device {i} failed")
     else:
-        procs = [device(i) for i in range(3)]
+        procs = [device(i) for i in range(devices)]
         if any(p.wait() != 0 for p in procs):
             raise RuntimeError(f"{name}: a device failed")
     if server.wait() != 0:
@@ -87,6 +93,7 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
     run(["evaluate", run_dir, "--precision", other, "--out", cross_file], out / f"evaluate-{name}.log")
     return {
         **spec,
+        "devices": devices,
         "run": base,
         "seed": seed,
         "eval_accuracy_before": summary["eval_before"]["accuracy"],
@@ -122,7 +129,7 @@ def main() -> None:
             results.append(one_run(name, RUNS[name], opts.out, artifacts, opts, seed))
             print(json.dumps(results[-1]), flush=True)
             (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| run | seed | shards | mixing | device order | devices | eval acc before | eval acc after "
+    lines = ["| run | seed | shards | mixing | device order | precision | eval acc before | eval acc after "
              "| same model, other devices | samples | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
