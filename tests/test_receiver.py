@@ -128,3 +128,42 @@ def test_full_queue_withholds_credit_until_there_is_room(server):
     assert not dev.sock.poll(300), "the third batch must not be acknowledged while the queue is full"
     batches.get(timeout=1)
     assert dev.recv().fields["seq"] == 2
+
+
+@pytest.mark.parametrize("pace", [True, False])
+def test_credits_are_paced_by_announced_data_size(tiny_artifacts, pace):
+    """A device with 4x less data must not race ahead (and finish early) unless pacing is off."""
+    folder = tiny_artifacts("gpt2")
+    manifest = load_manifest(folder)
+    sha = manifest_sha256(folder)
+    batches: queue.Queue = queue.Queue(maxsize=100)
+    receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, batches,
+                        window=4, pace=pace)
+    receiver.start()
+    try:
+        small, big = Device(receiver.endpoint, "small"), Device(receiver.endpoint, "big")
+        for dev, samples in ((small, 8), (big, 32)):  # batches of 2: 4 and 16 batches
+            dev.send(encode(MsgType.HELLO, dev.name, manifest_sha256=sha, split=manifest.split, precision="fp32/any",
+                            wire_dtype="fp16", num_samples=samples, epochs=1))
+            assert dev.recv().type == MsgType.WELCOME
+        small.send(small.batch(0, manifest.hidden_size))  # 25% of its data, while big is at 0%
+        if not pace:
+            assert small.recv().fields["seq"] == 0
+            return
+        assert not small.sock.poll(300), "small is ahead: its credit must wait"
+        for seq in range(3):  # big at 6/32 = 19% (+5% slack < 25%): still waiting
+            big.send(big.batch(seq, manifest.hidden_size))
+            assert big.recv().fields["seq"] == seq
+        assert not small.sock.poll(300)
+        big.send(big.batch(3, manifest.hidden_size))  # big at 25%: small may go on
+        assert big.recv().fields["seq"] == 3
+        assert small.recv().fields["seq"] == 0
+        assert receiver.snapshot()["small"].planned_samples == 8
+        # a device that said BYE no longer holds anyone back
+        big.send(encode(MsgType.BYE, "big"))
+        assert big.recv().type == MsgType.BYE
+        small.send(small.batch(1, manifest.hidden_size))
+        assert small.recv().fields["seq"] == 1
+    finally:
+        receiver.request_stop("test over")
+        receiver.join_stopped(5)

@@ -52,6 +52,8 @@ class ServeOptions:
     max_steps: int | None = None
     max_samples: int | None = None
     device_timeout_s: float = 120.0
+    #: Credits paced by each device's announced data size, so all finish together (receiver._ahead).
+    pace: bool = True
     seed: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -501,6 +503,7 @@ def serve(
         window=opts.window,
         ack_after_training=opts.schedule == "sequential",
         device_timeout_s=opts.device_timeout_s,
+        pace=opts.pace,
     )
     stream = StreamTrainer(opts, model, receiver, batches, evaluator)
     receiver.done_seqs_for = stream.done_seqs
