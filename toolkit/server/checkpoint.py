@@ -82,15 +82,22 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return folder
 
 
-def load_checkpoint(folder: Path, model, trainer, mixing_rng: random.Random) -> TrainingProgress:
-    """Restore model, optimizer, scheduler and RNG from ``folder``; return its progress."""
+def load_adapter_weights(model, adapter_folder: Path) -> None:
+    """Load a saved adapter (LoRA + head, peft format) into ``model.peft_model``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model.peft_model, weights)
+    weights_file = Path(adapter_folder) / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise SftoolError(f"{adapter_folder} holds no trained adapter")
+    result = set_peft_model_state_dict(model.peft_model, load_file(str(weights_file)))
     if getattr(result, "unexpected_keys", None):
-        raise SftoolError(f"{folder}: checkpoint does not fit this model ({len(result.unexpected_keys)} unexpected keys)")
+        raise SftoolError(f"{weights_file} does not fit this model ({len(result.unexpected_keys)} unexpected keys)")
+
+
+def load_checkpoint(folder: Path, model, trainer, mixing_rng: random.Random) -> TrainingProgress:
+    """Restore model, optimizer, scheduler and RNG from ``folder``; return its progress."""
+    load_adapter_weights(model, folder / "adapter")
     state = torch.load(folder / "trainer.pt", weights_only=True)
     trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(state["torch_rng"])

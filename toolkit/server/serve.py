@@ -23,7 +23,13 @@ from sftool.runtime.files import atomic_write_text
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.server.activation_cache import ActivationCache
-from sftool.server.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
+from sftool.server.checkpoint import (
+    TrainingProgress,
+    latest_checkpoint,
+    load_adapter_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sftool.server.evaluate import Evaluator
 from sftool.server.mixing import POLICIES, MixingBuffer, Sample
 from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
@@ -136,23 +142,17 @@ def evaluate_run(
     The same trained model with fp32 or int8 device activations is a paired comparison: it isolates
     what int8 costs at inference from the run-to-run noise of training.
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     opts = replace(load_run_options(run_dir), eval_precision=precision)
     if eval_data is not None:
         opts = replace(opts, eval_data=Path(eval_data))
     if opts.eval_data is None:
         raise SftoolError(f"{run_dir} was trained without --eval-data; give the data to evaluate on")
-    weights_file = Path(run_dir) / "adapter" / "adapter_model.safetensors"
-    if not weights_file.is_file():
+    if not (Path(run_dir) / "adapter" / "adapter_model.safetensors").is_file():
         raise SftoolError(f"{run_dir} has no trained adapter")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model, manifests = _build_model(opts, log_line)
-    result = set_peft_model_state_dict(model.peft_model, load_file(str(weights_file)))
-    if getattr(result, "unexpected_keys", None):
-        raise SftoolError(f"{weights_file} does not fit this model ({len(result.unexpected_keys)} unexpected keys)")
+    load_adapter_weights(model, Path(run_dir) / "adapter")
     evaluator = _make_evaluator(opts, model, manifests)
     device = evaluator.device.variant
     outcome = evaluator.evaluate().as_dict()
