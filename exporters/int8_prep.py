@@ -84,10 +84,7 @@ def groups_for(in_features: int, hidden_size: int) -> int:
     3 groups of 512; GPT-2: 3072 -> 4 of 768); its input, after the gated/GELU nonlinearity, is where the
     outliers are, and finer groups cut its int8 error most.
     """
-    for groups in range(1, in_features + 1):
-        if in_features % groups == 0 and in_features // groups <= hidden_size:
-            return groups
-    return in_features
+    return next(g for g in range(1, in_features + 1) if in_features % g == 0 and in_features // g <= hidden_size)
 
 
 def input_absmax(part: nn.Module, batch: tuple[np.ndarray, np.ndarray]) -> dict[nn.Module, torch.Tensor]:
@@ -120,10 +117,20 @@ def smooth(part: nn.Module, pairs: list[tuple[Callable[[torch.Tensor], None], li
             s = (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
             absorb(s)
             for consumer in consumers:
-                if isinstance(consumer, nn.Linear):
-                    consumer.weight.mul_(s[None, :])
-                else:  # Conv1D: [in, out]
-                    consumer.weight.mul_(s[:, None])
+                _weight_out_in(consumer)[0].mul_(s[None, :])  # a view for Conv1D: scales its rows in place
+
+
+def _smoothing_pairs(part: nn.Module, alpha: float) -> list:
+    """The smoothing pairs of every block, none when smoothing is off (alpha 0) or the family has none."""
+    if alpha <= 0:
+        return []
+    return [pair for block in part.blocks for pair in part.adapter.smoothing_pairs(block)]
+
+
+def int8_rewrite_note(device_part: nn.Module, alpha: float = SMOOTH_ALPHA) -> str:
+    """What ``prepare_for_int8`` does to this part, as recorded in each int8 variant's method."""
+    smoothing = f"smoothquant alpha={alpha:g}, " if _smoothing_pairs(device_part, alpha) else ""
+    return smoothing + "per-token activation scales"
 
 
 def prepare_for_int8(
@@ -132,9 +139,8 @@ def prepare_for_int8(
     """A copy of ``device_part`` with smoothing (where the family names the pairs) and per-token
     projections, equal to it in fp32 up to rounding; export this copy, then quantize it."""
     part = copy.deepcopy(device_part).eval()
-    adapter = part.adapter
-    pairs = [pair for block in part.blocks for pair in adapter.smoothing_pairs(block)]
-    if pairs and alpha > 0:
+    pairs = _smoothing_pairs(part, alpha)
+    if pairs:
         smooth(part, pairs, input_absmax(part, calibration), alpha)
     for block in part.blocks:
         for parent in list(block.modules()):

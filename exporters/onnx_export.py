@@ -125,14 +125,14 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     so a failed export never leaves a half-written artifacts folder behind.
     """
     import onnx
-    import onnxruntime as ort
     import torch
     from sftool.exporters.families import adapter_for
-    from sftool.exporters.int8_prep import prepare_for_int8
+    from sftool.exporters.int8_prep import int8_rewrite_note, prepare_for_int8
     from sftool.exporters.model_source import load_model, load_tokenizer, pad_token_id
     from sftool.exporters.partition import DevicePart, check_split, weights_fingerprint
     from sftool.exporters.quantize import (
         calibration_batch,
+        device_session,
         ort_optimize,
         ort_parity,
         quantize_variants,
@@ -176,16 +176,12 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             ort_optimize(plain, staging / DEVICE_ONNX, opts.graph_optimization)
 
         log("checking the saved model with onnxruntime against PyTorch at two shapes")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as a device loads it
-        session = ort.InferenceSession(str(staging / DEVICE_ONNX), options, providers=["CPUExecutionProvider"])
+        session = device_session(staging / DEVICE_ONNX)
         shapes = [(2, 7), (3, min(33, max_seq_len))]
         parity: dict[str, dict[str, float]] = {}
         for ids, mask in parity_inputs(vocab, shapes, opts.seed + 1, pad_id):
-            with torch.no_grad():
-                ref = device_part(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
             got = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
-            parity[f"{ids.shape[0]}x{ids.shape[1]}"] = compare_outputs(ref, got, mask)
+            parity[f"{ids.shape[0]}x{ids.shape[1]}"] = compare_outputs(torch_reference(device_part, (ids, mask)), got, mask)
         del session
         worst = max(p["max_abs_diff"] for p in parity.values())
         scale = max(1.0, max(p["ref_max_abs"] for p in parity.values()))
@@ -199,21 +195,20 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
         tokenizer.save_pretrained(str(staging))
         # Every variant's parity is also measured on real text, the same batch for all.
         calibration = calibration_batch(staging, tokenizer, max_seq_len, pad_id)
-        text_parity = ort_parity(staging / DEVICE_ONNX, calibration, torch_reference(device_part, calibration))
+        reference = torch_reference(device_part, calibration)
+        text_parity = ort_parity(staging / DEVICE_ONNX, calibration, reference)
         method = f"torch.onnx/{opts.exporter}" + ("" if opts.graph_optimization == "none" else f" + ort.{opts.graph_optimization}")
         variants = [Variant(DEVICE_ONNX, "fp32", "any", method, text_parity)]
         plain.unlink()
         if targets:
-            hidden = adapter.hidden_size(model.config)
-            smoothing = bool(opts.int8_smooth_alpha > 0 and any(adapter.smoothing_pairs(b) for b in device_part.blocks))
-            note = (f"smoothquant alpha={opts.int8_smooth_alpha:g}, " if smoothing else "") + "per-token activation scales"
+            note = int8_rewrite_note(device_part, opts.int8_smooth_alpha)
             log(f"rewriting the device part for int8 activations ({note}) and exporting it")
-            prepared = prepare_for_int8(device_part, calibration, hidden, opts.int8_smooth_alpha)
+            prepared = prepare_for_int8(device_part, calibration, adapter.hidden_size(model.config), opts.int8_smooth_alpha)
             int8_source = staging / f".{DEVICE_ONNX}.int8-source"
             _export_onnx(prepared, int8_source, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
             del prepared
             variants += quantize_variants(
-                staging, targets, device_part, tokenizer, max_seq_len, pad_id, log,
+                staging, targets, calibration, reference, log,
                 source_model=int8_source, recipe_note=note, graph_optimization=opts.graph_optimization,
             )
             int8_source.unlink()

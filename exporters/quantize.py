@@ -156,16 +156,20 @@ def torch_reference(device_part, batch: tuple[np.ndarray, np.ndarray]) -> np.nda
         return device_part(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
 
+def device_session(model_path: Path):
+    """An onnxruntime session on a saved file, created exactly as a device creates it (default settings)."""
+    import onnxruntime as ort
+    from sftool.runtime.onnx_model import SessionSettings
+
+    return ort.InferenceSession(str(model_path), SessionSettings().session_options(), providers=["CPUExecutionProvider"])
+
+
 def ort_parity(model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict[str, float]:
     """Run the saved file as a device loads it and compare with ``reference`` on real tokens."""
-    import onnxruntime as ort
     from sftool.exporters.onnx_export import OUTPUT_NAME, compare_outputs
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     ids, mask = batch
-    got = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+    got = device_session(model_path).run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
     return compare_outputs(reference, got, mask)
 
 
@@ -197,33 +201,26 @@ def _quantize_one(source_model: Path, out: Path, recipe: Recipe, graph_optimizat
 def quantize_variants(
     staging: Path,
     targets: Sequence[str],
-    device_part,
-    tokenizer,
-    max_seq_len: int,
-    pad_id: int,
+    batch: tuple[np.ndarray, np.ndarray],
+    reference: np.ndarray,
     log: Callable[[str], None] = print,
     *,
     source_model: Path,
     recipe_note: str = "",
-    min_mean_cosine: float | None = None,
     graph_optimization: str = "extended",
 ) -> list[Variant]:
-    """Write ``device.int8.<target>.onnx`` into ``staging`` for each target; return their Variants.
+    """Write ``device.int8.<target>.onnx`` into ``staging`` for each (resolved) target; return their Variants.
 
     ``source_model`` is the fp32 ONNX graph to quantize, as exported (before graph optimization:
     quantizing the plain graph and optimizing afterwards fuses the int8 ops), normally the export of
     ``int8_prep.prepare_for_int8(device_part)``; ``recipe_note`` says how it was prepared (recorded in
-    each variant's method). Parity is measured against ``device_part`` itself. Raises SftoolError if a
-    variant's mean cosine to fp32 PyTorch is below ``min_mean_cosine`` (default: MIN_MEAN_COSINE).
+    each variant's method). Parity is measured on ``batch`` (the calibration sentences) against
+    ``reference``, the fp32 PyTorch device part's output. Raises SftoolError if a variant's mean
+    cosine is below MIN_MEAN_COSINE.
     """
-    targets = resolve_targets(targets)
     if not targets:
         return []
-    if min_mean_cosine is None:
-        min_mean_cosine = MIN_MEAN_COSINE
     staging = Path(staging)
-    batch = calibration_batch(staging, tokenizer, max_seq_len, pad_id)
-    reference = torch_reference(device_part, batch)
     log(
         f"int8 ({METHOD}, per-channel s8 weights) for {', '.join(targets)}; parity on {len(CALIBRATION_TEXTS)} "
         f"English sentences ({int(batch[1].sum())} tokens)"
@@ -244,10 +241,10 @@ def quantize_variants(
                 f"worst token {parity['min_cosine']:.5f}, max abs diff {parity['max_abs_diff']:.3g}"
             )
             done[recipe] = (out, parity)
-        if parity["mean_cosine"] < min_mean_cosine:
+        if parity["mean_cosine"] < MIN_MEAN_COSINE:
             raise SftoolError(
                 f"the int8 model for {target} is too far from fp32 (mean cosine {parity['mean_cosine']:.4f} < "
-                f"{min_mean_cosine}); export without it (--int8 none) or use fp32 devices"
+                f"{MIN_MEAN_COSINE}); export without it (--int8 none) or use fp32 devices"
             )
         note = f"; {recipe_note}" if recipe_note else ""
         method = f"{METHOD}(per_channel, s8{', reduce_range' if recipe.reduce_range else ''}{note})"
