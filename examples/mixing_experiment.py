@@ -23,6 +23,7 @@ sets the server's head initialisation and mixing draws; device shards stay the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def run(args: list[str], log: Path) -> None:
 
 def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Namespace, seed: int) -> dict:
     devices = spec.get("devices", 3)
-    shards = out / f"shards-{spec['scheme'].replace(':', '')}" if devices == 3 else out / f"shards-{spec['scheme']}-{devices}"
+    shards = out / f"shards-{spec['scheme'].replace(':', '')}-{devices}"
     if not (shards / "eval.jsonl").is_file():
         run(["data", "split", "--dataset", "sst2", "--devices", str(devices), "--scheme", spec["scheme"], "--seed", "0",
              "--out", shards], out / f"split-{name}.log")
@@ -58,34 +59,35 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
     run_dir = out / name
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     started = time.perf_counter()
-    server = subprocess.Popen(
-        [*SFTOOL, "serve", "--model", opts.model, "--artifacts", str(artifacts), "--bind", endpoint, "--out", str(run_dir),
-         "--devices", str(devices), "--schedule", spec.get("schedule", "pipelined"), "--label-names", label_names, "--eval-data", str(shards / "eval.jsonl"),
-         "--mixing", spec["mixing"], "--batch-size", "16", "--mix-capacity", str(opts.mix_capacity),
-         "--lr", str(opts.lr), "--warmup-steps", "4", "--eval-precision", spec["precision"], "--checkpoint-every", "0",
-         "--seed", str(seed)],
-        stdout=open(out / f"serve-{name}.log", "w"), stderr=subprocess.STDOUT,
-    )
-
-    def device(i: int) -> subprocess.Popen:
-        return subprocess.Popen(
-            [*SFTOOL, "device", "--artifacts", str(artifacts), "--connect", endpoint, "--data", str(shards / f"device-{i}.jsonl"),
-             "--device-id", f"device-{i}", "--epochs", str(opts.epochs), "--threads", "1", "--precision", spec["precision"],
-             "--report", str(out / f"report-{name}-{i}.json"), "--server-timeout", "600"],
-            stdout=open(out / f"device-{name}-{i}.log", "w"), stderr=subprocess.STDOUT,
+    with contextlib.ExitStack() as logs:  # every child's log file, closed when the run is over
+        server = subprocess.Popen(
+            [*SFTOOL, "serve", "--model", opts.model, "--artifacts", str(artifacts), "--bind", endpoint, "--out", str(run_dir),
+             "--devices", str(devices), "--schedule", spec.get("schedule", "pipelined"), "--label-names", label_names, "--eval-data", str(shards / "eval.jsonl"),
+             "--mixing", spec["mixing"], "--batch-size", "16", "--mix-capacity", str(opts.mix_capacity),
+             "--lr", str(opts.lr), "--warmup-steps", "4", "--eval-precision", spec["precision"], "--checkpoint-every", "0",
+             "--seed", str(seed)],
+            stdout=logs.enter_context(open(out / f"serve-{name}.log", "w")), stderr=subprocess.STDOUT,
         )
 
-    if spec["order"] == "sequential":
-        for i in range(devices):  # device-by-device: the next starts when the previous is done
-            proc = device(i)
-            if proc.wait() != 0:
-                raise RuntimeError(f"{name}: device {i} failed")
-    else:
-        procs = [device(i) for i in range(devices)]
-        if any(p.wait() != 0 for p in procs):
-            raise RuntimeError(f"{name}: a device failed")
-    if server.wait() != 0:
-        raise RuntimeError(f"{name}: server failed, see {out / f'serve-{name}.log'}")
+        def device(i: int) -> subprocess.Popen:
+            return subprocess.Popen(
+                [*SFTOOL, "device", "--artifacts", str(artifacts), "--connect", endpoint, "--data", str(shards / f"device-{i}.jsonl"),
+                 "--device-id", f"device-{i}", "--epochs", str(opts.epochs), "--threads", "1", "--precision", spec["precision"],
+                 "--report", str(out / f"report-{name}-{i}.json"), "--server-timeout", "600"],
+                stdout=logs.enter_context(open(out / f"device-{name}-{i}.log", "w")), stderr=subprocess.STDOUT,
+            )
+
+        if spec["order"] == "sequential":
+            for i in range(devices):  # device-by-device: the next starts when the previous is done
+                proc = device(i)
+                if proc.wait() != 0:
+                    raise RuntimeError(f"{name}: device {i} failed")
+        else:
+            procs = [device(i) for i in range(devices)]
+            if any(p.wait() != 0 for p in procs):
+                raise RuntimeError(f"{name}: a device failed")
+        if server.wait() != 0:
+            raise RuntimeError(f"{name}: server failed, see {out / f'serve-{name}.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     # The same trained model with the other device precision: a paired look at what int8 costs at inference.
     other = "int8" if spec["precision"] == "fp32" else "fp32"

@@ -132,13 +132,13 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     from sftool.exporters.partition import DevicePart, check_split, weights_fingerprint
     from sftool.exporters.quantize import (
         calibration_batch,
-        device_session,
         ort_optimize,
         ort_parity,
         quantize_variants,
         resolve_targets,
         torch_reference,
     )
+    from sftool.runtime.onnx_model import open_session
 
     if opts.exporter not in EXPORTERS:
         raise SftoolError(f"--exporter must be one of {', '.join(EXPORTERS)}")
@@ -176,7 +176,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             ort_optimize(plain, staging / DEVICE_ONNX, opts.graph_optimization)
 
         log("checking the saved model with onnxruntime against PyTorch at two shapes")
-        session = device_session(staging / DEVICE_ONNX)
+        session = open_session(staging / DEVICE_ONNX)  # as a device loads it
         shapes = [(2, 7), (3, min(33, max_seq_len))]
         parity: dict[str, dict[str, float]] = {}
         for ids, mask in parity_inputs(vocab, shapes, opts.seed + 1, pad_id):

@@ -156,20 +156,13 @@ def torch_reference(device_part, batch: tuple[np.ndarray, np.ndarray]) -> np.nda
         return device_part(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
 
-def device_session(model_path: Path):
-    """An onnxruntime session on a saved file, created exactly as a device creates it (default settings)."""
-    import onnxruntime as ort
-    from sftool.runtime.onnx_model import SessionSettings
-
-    return ort.InferenceSession(str(model_path), SessionSettings().session_options(), providers=["CPUExecutionProvider"])
-
-
 def ort_parity(model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict[str, float]:
     """Run the saved file as a device loads it and compare with ``reference`` on real tokens."""
     from sftool.exporters.onnx_export import OUTPUT_NAME, compare_outputs
+    from sftool.runtime.onnx_model import open_session
 
     ids, mask = batch
-    got = device_session(model_path).run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+    got = open_session(model_path).run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
     return compare_outputs(reference, got, mask)
 
 

@@ -146,7 +146,7 @@ def run_device(
     examples = read_examples(opts.data, opts.text_fields, opts.label_field, opts.id_field, opts.label_names)
     plan = bucketed_batches(encoder.lengths([e.text for e in examples]), opts.batch_size, opts.bucket_window)
 
-    precision_label = f"{variant.precision}/{variant.target}"
+    precision_label = variant.label
     client = DeviceClient(
         ClientConfig(
             endpoint=opts.endpoint,

@@ -21,3 +21,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def proc_status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status in MB (``VmRSS``, ``VmHWM`` = peak RSS);
+    NaN where there is no /proc."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

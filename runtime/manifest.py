@@ -39,6 +39,11 @@ class Variant:
     method: str = "export"  # how it was produced, e.g. "torch.onnx" or "ort.quantize_dynamic"
     parity: dict[str, float] = field(default_factory=dict)  # vs fp32 PyTorch: max_abs_diff, cosines
 
+    @property
+    def label(self) -> str:
+        """``precision/target``, e.g. ``int8/arm64``: how devices, logs and summaries name it."""
+        return f"{self.precision}/{self.target}"
+
 
 @dataclass
 class Manifest:
@@ -70,7 +75,7 @@ class Manifest:
         for v in self.variants:
             if v.precision == precision and (target is None or v.target == target):
                 return v
-        have = ", ".join(f"{v.precision}/{v.target}" for v in self.variants)
+        have = ", ".join(v.label for v in self.variants)
         raise SftoolError(f"no {precision}{'/' + target if target else ''} model in the artifacts (have: {have})")
 
     def batch_schema(self, num_labels: int) -> BatchSchema:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,15 +30,16 @@ def cpu_target(machine: str | None = None, cpu_flags: set[str] | None = None) ->
     return "avx2"
 
 
-def _linux_cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _linux_cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             for line in fh:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def choose_variant(manifest: Manifest, precision: str, target: str | None = None) -> Variant:
@@ -102,6 +104,13 @@ class SessionSettings:
         return options
 
 
+def open_session(path: Path, settings: SessionSettings | None = None):
+    """An onnxruntime CPU session on ``path`` with a device's session settings (defaults if None)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), (settings or SessionSettings()).session_options(), providers=["CPUExecutionProvider"])
+
+
 class DeviceModel:
     """Runs the device part (embeddings + blocks 0..k-1) on onnxruntime's CPU provider."""
 
@@ -113,14 +122,13 @@ class DeviceModel:
         threads: int | None = None,
         settings: SessionSettings | None = None,
     ):
-        import onnxruntime as ort
 
         settings = settings or SessionSettings()
         if threads is not None:
             settings = replace(settings, threads=threads)
         path = Path(folder) / variant.file
         try:
-            self.session = ort.InferenceSession(str(path), settings.session_options(), providers=["CPUExecutionProvider"])
+            self.session = open_session(path, settings)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise SftoolError(f"onnxruntime cannot load {path}: {exc}") from None
         self.variant = variant
@@ -130,10 +138,10 @@ class DeviceModel:
 
     @property
     def description(self) -> str:
-        """What runs, for logs: e.g. ``int8/arm64 (device.int8.arm64.onnx) on arm64, 4 threads``."""
+        """What runs, for logs: e.g. ``int8/arm64 (device.int8.arm64.onnx) on arm64, 4 threads, ort basic``."""
         threads = self.settings.threads or "default"
         return (
-            f"{self.variant.precision}/{self.variant.target} ({self.variant.file}) on {cpu_target()}, "
+            f"{self.variant.label} ({self.variant.file}) on {cpu_target()}, "
             f"{threads} threads, ort {self.settings.optimization}"
         )
 

@@ -80,7 +80,7 @@ def profile_splits(
             started = time.perf_counter()
             model.forward(ids, mask)
             samples[split].append((time.perf_counter() - started) * 1000)
-    timings = [SplitTiming(k, f"{v.precision}/{v.target}", statistics.median(samples[k])) for k, v, _ in models]
+    timings = [SplitTiming(k, v.label, statistics.median(samples[k])) for k, v, _ in models]
     ks = np.array([t.split for t in timings], dtype=float)
     ms = np.array([t.median_ms for t in timings])
     if len(timings) >= 2:

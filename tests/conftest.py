@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from sftool.runtime import files
 from tiny_models import make_tiny_model, synthetic_rows, write_jsonl
 
 FAMILIES = ("gpt2", "llama")
@@ -49,9 +49,7 @@ def tiny_artifacts(tiny_model, tmp_path_factory):
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return files.free_port()
 
 
 @pytest.fixture

@@ -154,6 +154,11 @@ MODELS: dict[str, dict[str, str]] = {
 }
 
 _MODEL_MARKER = "sftool-model.json"
+
+
+def model_ready(name: str, home: Path | None = None) -> bool:
+    """Is the built-in model ``name`` already converted in the cache (no fetch, no conversion needed)?"""
+    return ((home or sftool_home()) / "models" / name / _MODEL_MARKER).is_file()
 _CHUNK = 1 << 20
 
 
@@ -401,7 +406,7 @@ def ensure_model(name: str = "smollm2-135m-instruct", progress: Progress | None 
     if name not in MODELS:
         raise SftoolError(f"unknown model {name}; known: {', '.join(MODELS)}")
     final = (home or sftool_home()) / "models" / name
-    if (final / _MODEL_MARKER).is_file():
+    if model_ready(name, home):
         return final
     spec = MODELS[name]
     asset = ASSETS[spec["asset"]]

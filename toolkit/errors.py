@@ -10,3 +10,11 @@ class SftoolError(Exception):
     """
 
     exit_code: int = 2
+
+
+def exit_for(exc: SftoolError):
+    """Print ``exc`` as one ``error:`` line on stderr and return the ``typer.Exit`` to raise (sub-apps)."""
+    import typer
+
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)

@@ -154,9 +154,8 @@ def evaluate_run(
     model, manifests = _build_model(opts, log_line)
     load_adapter_weights(model, Path(run_dir) / "adapter")
     evaluator = _make_evaluator(opts, model, manifests)
-    device = evaluator.device.variant
     outcome = evaluator.evaluate().as_dict()
-    return {**outcome, "precision": f"{device.precision}/{device.target}", "eval_data": str(opts.eval_data)}
+    return {**outcome, "precision": evaluator.device.variant.label, "eval_data": str(opts.eval_data)}
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -30,6 +30,20 @@ class LoraSettings:
     #: None: the family's default target modules.
     targets: Sequence[str] | None = None
 
+    def peft_config(self, adapter, layers: Sequence[int] | None = None, task_type=None):
+        """The peft LoraConfig for a model of ``adapter``'s family (LoRA on ``layers``, default all)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type=task_type,
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets or adapter.default_lora_targets),
+            layers_to_transform=None if layers is None else list(layers),
+            fan_in_fan_out=adapter.lora_fan_in_fan_out,
+        )
+
 
 @dataclass
 class SplitModelSpec:
@@ -52,7 +66,7 @@ class SplitServerModel(nn.Module):
 
     def __init__(self, spec: SplitModelSpec):
         super().__init__()
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import TaskType, get_peft_model
 
         base = load_model(spec.source, head="seq_cls", num_labels=spec.num_labels, pad_token_id=spec.pad_token_id)
         self.adapter = adapter_for(base.config.model_type)
@@ -66,20 +80,11 @@ class SplitServerModel(nn.Module):
         # Fingerprints of the device layers as this server has them, before peft touches anything.
         self.fingerprints = {k: weights_fingerprint(DevicePart(self.adapter, backbone, k)) for k in self.splits}
 
-        targets = list(spec.lora.targets or self.adapter.default_lora_targets)
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=spec.lora.rank,
-            lora_alpha=spec.lora.alpha,
-            lora_dropout=spec.lora.dropout,
-            target_modules=targets,
-            layers_to_transform=list(range(self.train_from, self.num_layers)),
-            fan_in_fan_out=self.adapter.lora_fan_in_fan_out,
-        )
+        config = spec.lora.peft_config(self.adapter, range(self.train_from, self.num_layers), TaskType.SEQ_CLS)
         try:
             self.peft_model = get_peft_model(base, config)
         except ValueError as exc:
-            raise SftoolError(f"cannot apply LoRA to {targets}: {exc}") from None
+            raise SftoolError(f"cannot apply LoRA to {sorted(config.target_modules)}: {exc}") from None
         hf_model = self.peft_model.base_model.model
         self.runner = BlockRunner(self.adapter, self.adapter.backbone(hf_model))
         # peft wraps the head in ModulesToSaveWrapper (trainable copy, saved with the adapter).
