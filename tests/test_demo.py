@@ -18,7 +18,7 @@ from tiny_models import synthetic_rows, write_jsonl
 
 FAMILY = "llama"
 SPLIT = 2
-SMALL = 120  # rows of the two single-label "negative" devices; the "positive" one holds twice as many
+SMALL = 180  # rows of the two single-label "negative" devices; the "positive" one holds twice as many
 
 
 def make_data_dir(folder: Path, broken_device: int | None = None) -> Path:
