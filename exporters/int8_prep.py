@@ -11,14 +11,15 @@ int8 levels. Two exact rewrites fix most of it before export:
   ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)`` and multiply the projection's column j by ``s_j``.
   The product is unchanged; the outlier channels shrink and the weights absorb them (they are
   quantized per output channel, where this costs little). Scales come from calibration text.
-- **Per-token scales**: every projection becomes ``((x / s_t) @ W) * s_t`` with ``s_t = max_j |x_tj|``
-  per token (and per group of input channels for the wide MLP output projection), so the
-  per-tensor int8 scale that onnxruntime picks at run time is, in effect, one scale per token (and
-  group). In fp32 the rewrite is exact to rounding; the extra ops cost ~14% of the int8 model's time.
+- **Per-token scales** on the projections whose input does not come out of a norm
+  (``FamilyAdapter.per_token_projections``: attention output and MLP output): ``((x / s_t) @ W) * s_t``
+  with ``s_t = max_j |x_tj|``, so the per-tensor int8 scale that onnxruntime picks at run time is, in
+  effect, one scale per token. That is where "massive activation" tokens reach a projection; a norm's
+  output rows are already on one scale. In fp32 the rewrite is exact to rounding.
 
-Measured on SmolLM2-135M split 6 (docs/device.md): mean cosine to fp32 0.967 (plain per-tensor int8)
--> 0.9988, and the split model's zero-shot SST-2 answers agree with fp32 on 98% of rows instead of 73%
-(94.5% with the MLP output projections kept fp32, the previous recipe, which was also 1.27x slower).
+Measured on SmolLM2-135M split 6 (docs/device.md), mean cosine to fp32 on 128 SST-2 rows: 0.989 with
+smoothing alone, 0.9981 with this recipe, 0.9988 with per-token scales on every projection (and the
+MLP output in 3 channel groups), which cost 20% more time and gave the same SST-2 answers.
 """
 
 from __future__ import annotations
@@ -45,46 +46,23 @@ def is_projection(module: nn.Module) -> bool:
 
 
 class PerTokenLinear(nn.Module):
-    """``x @ W^T + b`` computed as ``sum_g ((x_g / s_g) @ W_g^T) * s_g + b``, with ``s_g`` the max |x| of
-    each token over input-channel group g.
+    """``x @ W^T + b`` computed as ``((x / s) @ W^T) * s + b``, with ``s`` the max |x| of each token.
 
     Identical to the wrapped projection in fp32; after export, the MatMul sees rows scaled to [-1, 1],
-    so a per-tensor int8 scale chosen at run time is as good as a per-token (per-group) one. The
-    group weights are separate [in_g, out] parameters so each becomes a constant MatMul input the
-    quantizer can find.
+    so the per-tensor int8 scale chosen at run time is, in effect, one scale per token. The weight is
+    a separate [in, out] parameter so it becomes a constant MatMul input the quantizer can find.
     """
 
-    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None, groups: int = 1):
+    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        in_features = weight_out_in.shape[1]
-        if groups < 1 or in_features % groups:
-            raise ValueError(f"{in_features} input channels do not split into {groups} equal groups")
-        self.size = in_features // groups
-        self.weights = nn.ParameterList(
-            nn.Parameter(weight_out_in[:, g * self.size : (g + 1) * self.size].t().contiguous().detach(), requires_grad=False)
-            for g in range(groups)
-        )
+        self.weight = nn.Parameter(weight_out_in.t().contiguous().detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for g, weight in enumerate(self.weights):
-            xg = x if len(self.weights) == 1 else x[..., g * self.size : (g + 1) * self.size]
-            # The clamp keeps an all-zero row (e.g. a zero padding embedding) from dividing by zero.
-            scale = xg.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
-            part = torch.matmul(xg / scale, weight) * scale
-            out = part if out is None else out + part
+        # The clamp keeps an all-zero row (e.g. a zero padding embedding) from dividing by zero.
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
+        out = torch.matmul(x / scale, self.weight) * scale
         return out if self.bias is None else out + self.bias
-
-
-def groups_for(in_features: int, hidden_size: int) -> int:
-    """Input-channel groups for a projection: the fewest equal groups no wider than the hidden size.
-
-    Only the MLP's output projection contracts more than ``hidden_size`` channels (SmolLM2: 1536 ->
-    3 groups of 512; GPT-2: 3072 -> 4 of 768); its input, after the gated/GELU nonlinearity, is where the
-    outliers are, and finer groups cut its int8 error most.
-    """
-    return next(g for g in range(1, in_features + 1) if in_features % g == 0 and in_features // g <= hidden_size)
 
 
 def input_absmax(part: nn.Module, batch: tuple[np.ndarray, np.ndarray]) -> dict[nn.Module, torch.Tensor]:
@@ -134,20 +112,30 @@ def int8_rewrite_note(device_part: nn.Module, alpha: float = SMOOTH_ALPHA) -> st
 
 
 def prepare_for_int8(
-    device_part: nn.Module, calibration: tuple[np.ndarray, np.ndarray], hidden_size: int, alpha: float = SMOOTH_ALPHA
+    device_part: nn.Module,
+    calibration: tuple[np.ndarray, np.ndarray],
+    alpha: float = SMOOTH_ALPHA,
+    fuse_max_seq_len: int | None = None,
 ) -> nn.Module:
-    """A copy of ``device_part`` with smoothing (where the family names the pairs) and per-token
-    projections, equal to it in fp32 up to rounding; export this copy, then quantize it."""
+    """A copy of ``device_part`` with smoothing (where the family names the pairs) and per-token scales
+    on the family's ``per_token_projections``, equal to it in fp32 up to rounding; export this copy,
+    then quantize it.
+
+    With ``fuse_max_seq_len``, the blocks become the family's fused export layers after smoothing (so
+    concatenated projections carry the smoothed weights) and before the per-token rewrite.
+    """
     part = copy.deepcopy(device_part).eval()
     pairs = _smoothing_pairs(part, alpha)
     if pairs:
         smooth(part, pairs, input_absmax(part, calibration), alpha)
+    if fuse_max_seq_len is not None:
+        part = part.fused_for_export(fuse_max_seq_len)
+    per_token = set(part.adapter.per_token_projections)
     for block in part.blocks:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
-                if is_projection(child):
-                    weight, bias = _weight_out_in(child)
-                    setattr(parent, name, PerTokenLinear(weight, bias, groups_for(weight.shape[1], hidden_size)))
+                if name in per_token and is_projection(child):
+                    setattr(parent, name, PerTokenLinear(*_weight_out_in(child)))
     return part
 
 

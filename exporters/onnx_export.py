@@ -75,8 +75,12 @@ def _export_onnx(module, path: Path, exporter: str, opset: int, example: tuple) 
     dynamic_axes = {name: dict((v, k) for k, v in axes.items()) for name in [*INPUT_NAMES, OUTPUT_NAME]}
     dynamo = exporter == "dynamo"
     # The dynamo exporter writes external data unless told not to, and narrates every stage on
-    # stdout; keep the CLI's output readable.
-    extra = {"external_data": False} if dynamo else {}
+    # stdout; keep the CLI's output readable. Fused layers call sftool's contrib ops (dynamo only).
+    extra = {}
+    if dynamo:
+        from sftool.exporters.contrib_ops import TRANSLATIONS
+
+        extra = {"external_data": False, "custom_translation_table": TRANSLATIONS}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -163,8 +167,11 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     try:
         log(f"exporting {adapter.name} blocks 0..{opts.split - 1} of {num_layers} to ONNX ({opts.exporter})")
         example = parity_inputs(vocab, [(2, 8)], opts.seed, pad_id)[0]
-        plain = staging / f".{DEVICE_ONNX}.plain"  # as exported; quantization starts from this graph
-        _export_onnx(device_part, plain, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
+        plain = staging / f".{DEVICE_ONNX}.plain"  # as exported
+        # Fused layers (onnxruntime contrib kernels) exist only for the dynamo exporter.
+        fuse = opts.exporter == "dynamo"
+        export_part = device_part.fused_for_export(max_seq_len) if fuse else device_part
+        _export_onnx(export_part, plain, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
         proto = onnx.load(str(plain))
         onnx.checker.check_model(proto)
         opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opts.opset)
@@ -203,7 +210,10 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
         if targets:
             note = int8_rewrite_note(device_part, opts.int8_smooth_alpha)
             log(f"rewriting the device part for int8 activations ({note}) and exporting it")
-            prepared = prepare_for_int8(device_part, calibration, adapter.hidden_size(model.config), opts.int8_smooth_alpha)
+            prepared = prepare_for_int8(
+                device_part, calibration, opts.int8_smooth_alpha,
+                fuse_max_seq_len=max_seq_len if fuse else None,
+            )
             int8_source = staging / f".{DEVICE_ONNX}.int8-source"
             _export_onnx(prepared, int8_source, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
             del prepared

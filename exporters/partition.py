@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
@@ -37,6 +38,15 @@ class DevicePart(nn.Module):
         for block in self.blocks:
             hidden = self.adapter.run_layer(block, hidden, context)
         return hidden
+
+    def fused_for_export(self, max_seq_len: int) -> DevicePart:
+        """A copy whose blocks are the family's fused export layers (``FamilyAdapter.fused_layer``),
+        or an unchanged copy where the family has none. Only for export: it needs right padding."""
+        part = copy.deepcopy(self).eval()
+        fused = [self.adapter.fused_layer(block, part.embeddings, max_seq_len) for block in part.blocks]
+        if all(layer is not None for layer in fused):
+            part.blocks = nn.ModuleList(fused)
+        return part
 
 
 class BlockRunner(nn.Module):

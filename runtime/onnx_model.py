@@ -147,6 +147,11 @@ class DeviceModel:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Hidden states after block k-1, float32 [B, T, H]."""
+        if self.manifest.padding_side == "right" and attention_mask.shape[1] > 1:
+            # Fused exports mask attention by causality alone, which is exact only when no real token
+            # follows a padding one (a mask row never rises from 0 back to 1).
+            if (np.diff(attention_mask.astype(np.int8), axis=1) > 0).any():
+                raise SftoolError("the export expects right-padded batches; this attention mask has padding before real tokens")
         (hidden,) = self.session.run(
             [self.output_name], {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         )

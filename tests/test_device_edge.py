@@ -70,6 +70,19 @@ def test_session_settings_are_device_options(int8_artifacts):
         DeviceModel(folder, manifest, variant, settings=SessionSettings(optimization="max"))
 
 
+def test_device_model_refuses_left_padded_batches(tiny_artifacts):
+    """The saved attention is causal-only, exact for right padding; a left-padded batch would silently
+    give wrong activations, so the device refuses it in one line."""
+    folder = tiny_artifacts("llama")
+    manifest = load_manifest(folder)
+    model = DeviceModel(folder, manifest, choose_variant(manifest, "fp32"))
+    ids = np.full((2, 6), 5, dtype=np.int64)
+    right = np.array([[1] * 6, [1] * 4 + [0] * 2])
+    assert model.forward(ids, right).shape == (2, 6, manifest.hidden_size)
+    with pytest.raises(SftoolError, match="right-padded"):
+        model.forward(ids, right[:, ::-1].copy())
+
+
 def test_prepare_hidden_fp16_and_fp32_fallback():
     from sftool.runtime.device_app import prepare_hidden
 

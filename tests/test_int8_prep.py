@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SPLIT
 from sftool.exporters.families import adapter_for
-from sftool.exporters.int8_prep import PerTokenLinear, groups_for, input_absmax, prepare_for_int8
+from sftool.exporters.int8_prep import PerTokenLinear, input_absmax, prepare_for_int8
 from sftool.exporters.model_source import load_model
 from sftool.exporters.onnx_export import ExportOptions, export_device, parity_inputs
 from sftool.exporters.partition import DevicePart
@@ -34,21 +34,13 @@ def _plant_outliers(model, channels=(3, 17, 40), factor=60.0) -> None:
                 layer.mlp.down_proj.weight[:, c] /= factor
 
 
-def test_groups_split_only_what_is_wider_than_the_hidden_size():
-    assert groups_for(576, 576) == 1 and groups_for(192, 576) == 1
-    assert groups_for(1536, 576) == 3 and groups_for(3072, 768) == 4 and groups_for(128, 64) == 2
-
-
-@pytest.mark.parametrize("groups", [1, 4])
-def test_per_token_linear_equals_the_projection(groups):
+def test_per_token_linear_equals_the_projection():
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 8)
     x = torch.randn(2, 5, 32) * torch.linspace(0.1, 50, 32)
     x[0, 1] = 0  # an all-zero row must not divide by zero
-    got = PerTokenLinear(linear.weight, linear.bias, groups)(x)
+    got = PerTokenLinear(linear.weight, linear.bias)(x)
     torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="equal groups"):
-        PerTokenLinear(linear.weight, linear.bias, 3)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -57,9 +49,9 @@ def test_prepared_part_computes_the_same_in_fp32(family, tiny_model):
     if family == "llama":
         _plant_outliers(model)
     batches = _batches(int(model.config.vocab_size))
-    prepared = prepare_for_int8(part, batches[0], int(model.config.hidden_size))
+    prepared = prepare_for_int8(part, batches[0])
     projections = [m for m in prepared.blocks.modules() if isinstance(m, PerTokenLinear)]
-    assert len(projections) == SPLIT * (4 if family == "gpt2" else 7)
+    assert len(projections) == SPLIT * 2  # attention output and MLP output
     with torch.no_grad():
         for ids, mask in batches:
             ref = part(torch.from_numpy(ids), torch.from_numpy(mask))
@@ -73,7 +65,7 @@ def test_smoothing_shrinks_the_outlier_channels(tiny_model):
     _plant_outliers(model)
     batch = _batches(int(model.config.vocab_size))[0]
     before = input_absmax(part, batch)[part.blocks[0].mlp.down_proj]
-    prepared = prepare_for_int8(part, batch, int(model.config.hidden_size))
+    prepared = prepare_for_int8(part, batch)
     seen = {}
     hook = prepared.blocks[0].mlp.down_proj.register_forward_pre_hook(lambda m, inp: seen.setdefault("x", inp[0].abs().amax((0, 1))))
     with torch.no_grad():

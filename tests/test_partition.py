@@ -69,3 +69,33 @@ def test_weights_fingerprint_detects_changed_weights(tiny_model):
     with torch.no_grad():
         adapter.layers(model)[1].ln_1.weight[0] += 1e-3
     assert weights_fingerprint(DevicePart(adapter, model, 2)) != before
+
+
+def test_fused_export_layers_equal_the_model_on_right_padded_rows(tiny_model):
+    """The export-only Llama layers (packed QKV, GroupQueryAttention's eager twin, Div-form RMS norm)
+    compute what the transformers blocks compute, on every real token of right-padded rows."""
+    import transformers
+    from sftool.exporters.families.llama import FusedLlamaLayer
+
+    model = transformers.AutoModel.from_pretrained(tiny_model("llama")).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped K/V heads
+    adapter = adapter_for("llama")
+    part = DevicePart(adapter, model, 3).eval()
+    fused = part.fused_for_export(max_seq_len=32)
+    assert all(isinstance(block, FusedLlamaLayer) for block in fused.blocks)
+    ids, mask = padded_batch(model.config.vocab_size)
+    mask[3] = torch.tensor([1] * 5 + [0] * 6)  # right padding only
+    with torch.no_grad():
+        ref, got = part(ids, mask), fused(ids, mask)
+    assert (got - ref).abs()[mask.bool()].max().item() <= 1e-5
+    # The original part is untouched: the fused copy owns its blocks.
+    assert not any(isinstance(block, FusedLlamaLayer) for block in part.blocks)
+
+
+def test_families_without_fused_layers_export_a_plain_copy(tiny_model):
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(tiny_model("gpt2")).eval()
+    part = DevicePart(adapter_for("gpt2"), model, 2).eval()
+    copy = part.fused_for_export(max_seq_len=32)
+    assert copy is not part and [type(b) for b in copy.blocks] == [type(b) for b in part.blocks]

@@ -45,6 +45,10 @@ class FamilyAdapter(ABC):
     default_lora_targets: tuple[str, ...]
     #: True where the projections store weights as (in, out), like GPT-2's Conv1D.
     lora_fan_in_fan_out: bool = False
+    #: Projections (attribute names) that get per-token activation scales in the int8 export: those whose
+    #: input does not come straight out of a norm (attention output, MLP output). Their rows' ranges
+    #: differ by orders of magnitude between tokens; a norm's output rows do not.
+    per_token_projections: tuple[str, ...] = ()
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The bare transformer (GPT2Model, LlamaModel) inside any wrapper: CausalLM, SeqCls, peft."""
@@ -81,6 +85,11 @@ class FamilyAdapter(ABC):
         """Where int8 smoothing may move activation outliers into weights, exactly: pairs of (divide the
         producer's output channels by s, the projections that read them). None by default."""
         return []
+
+    def fused_layer(self, layer: nn.Module, modules: nn.ModuleDict, max_seq_len: int) -> nn.Module | None:
+        """An export-only stand-in for ``layer`` (same outputs on right-padded batches of up to
+        ``max_seq_len`` tokens) built on onnxruntime's fused kernels, or None where the family has none."""
+        return None
 
     def num_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)

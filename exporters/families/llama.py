@@ -10,10 +10,72 @@ from sftool.exporters.families.base import FamilyAdapter
 from torch import nn
 
 
+def _concat_linear(projections: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear computing several projections of the same input, outputs side by side."""
+    weight = torch.cat([p.weight for p in projections]).detach()
+    biases = [p.bias for p in projections]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat(biases))
+    return fused.requires_grad_(False)
+
+
+class RMSNormDiv(nn.Module):
+    """LlamaRMSNorm written as ``w * x / sqrt(mean(x^2) + eps)``: the pattern onnxruntime fuses into
+    SimplifiedLayerNormalization (it does not match transformers' ``x * rsqrt(...)``)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = float(norm.variance_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class FusedLlamaLayer(nn.Module):
+    """Export-only LlamaDecoderLayer: the same outputs on right-padded batches, in fewer, larger kernels.
+
+    q/k/v become one projection whose packed output goes straight into ``sftool::causal_gqa``
+    (onnxruntime's GroupQueryAttention, rotary embedding included), and the norms take the form
+    onnxruntime fuses. It shares the norms and the other projections of ``layer``; the packed QKV
+    projection is a new tensor, made after any int8 smoothing was folded in. (gate/up stay two
+    projections: concatenated, the Split that parts them again costs more than the MatMul saves.)
+    """
+
+    def __init__(self, layer: nn.Module, cos_cache: torch.Tensor, sin_cache: torch.Tensor):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.num_heads = int(attn.config.num_attention_heads)
+        self.kv_heads = int(attn.config.num_key_value_heads)
+        self.scale = float(attn.scaling)
+        self.input_norm = RMSNormDiv(layer.input_layernorm)
+        self.qkv_proj = _concat_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.post_attention_norm = RMSNormDiv(layer.post_attention_layernorm)
+        self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
+        self.act_fn = mlp.act_fn
+        self.down_proj = mlp.down_proj
+        self.register_buffer("cos_cache", cos_cache.detach().clone(), persistent=False)
+        self.register_buffer("sin_cache", sin_cache.detach().clone(), persistent=False)
+
+    def forward(self, hidden: torch.Tensor, **context: Any) -> torch.Tensor:
+        from sftool.exporters.contrib_ops import causal_gqa
+
+        qkv = self.qkv_proj(self.input_norm(hidden))
+        attn = causal_gqa(qkv, self.cos_cache, self.sin_cache, self.num_heads, self.kv_heads, self.scale)
+        hidden = hidden + self.o_proj(attn)
+        normed = self.post_attention_norm(hidden)
+        return hidden + self.down_proj(self.act_fn(self.gate_proj(normed)) * self.up_proj(normed))
+
+
 class LlamaAdapter(FamilyAdapter):
     name = "llama"
     model_types = ("llama",)
     default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    per_token_projections = ("o_proj", "down_proj")
 
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
@@ -37,6 +99,16 @@ class LlamaAdapter(FamilyAdapter):
             # down_proj reads act(gate) * up: scaling up's output channel scales that product's channel.
             (divide_rows(mlp.up_proj), [mlp.down_proj]),
         ]
+
+    def fused_layer(self, layer: nn.Module, modules: nn.ModuleDict, max_seq_len: int) -> nn.Module:
+        # The rotary tables the model itself computes (rope scaling and attention scaling included),
+        # for positions 0..max_seq_len-1; cos/sin repeat over the two halves, GQA takes one half.
+        positions = torch.arange(max_seq_len)[None]
+        probe = torch.zeros(1, max_seq_len, 1, dtype=layer.input_layernorm.weight.dtype)
+        with torch.no_grad():
+            cos, sin = modules["rotary_emb"](probe, positions)
+        half = cos.shape[-1] // 2
+        return FusedLlamaLayer(layer, cos[0, :, :half], sin[0, :, :half])
 
     def context(
         self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
