@@ -45,9 +45,10 @@ class FamilyAdapter(ABC):
     default_lora_targets: tuple[str, ...]
     #: True where the projections store weights as (in, out), like GPT-2's Conv1D.
     lora_fan_in_fan_out: bool = False
-    #: Projections (attribute names) that get per-token activation scales in the int8 export: those whose
-    #: input does not come straight out of a norm (attention output, MLP output). Their rows' ranges
-    #: differ by orders of magnitude between tokens; a norm's output rows do not.
+    #: Projections that get per-token activation scales in the int8 export (a module matches when its name
+    #: within the block ends with an entry): the MLP output projection, whose input (after the MLP's
+    #: nonlinearity) carries the massive-activation tokens; rows coming out of a norm, or out of
+    #: attention over them, are on one scale already.
     per_token_projections: tuple[str, ...] = ()
 
     def backbone(self, model: nn.Module) -> nn.Module:

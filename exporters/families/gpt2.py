@@ -12,7 +12,7 @@ class GPT2Adapter(FamilyAdapter):
     model_types = ("gpt2",)
     # Conv1D modules; "c_proj" matches both the attention output and the MLP output projection.
     default_lora_targets = ("c_attn", "c_proj")
-    per_token_projections = ("c_proj",)  # attention and MLP output projections
+    per_token_projections = ("mlp.c_proj",)
     lora_fan_in_fan_out = True
 
     def layers(self, backbone: nn.Module) -> nn.ModuleList:

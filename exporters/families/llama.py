@@ -75,7 +75,7 @@ class LlamaAdapter(FamilyAdapter):
     name = "llama"
     model_types = ("llama",)
     default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-    per_token_projections = ("o_proj", "down_proj")
+    per_token_projections = ("down_proj",)
 
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
