@@ -4,10 +4,11 @@ Recipe (measured on SmolLM2-135M split 6 and a GPT-2-small-shaped model; numbers
 
 - The device part is first rewritten for int8 activations (``exporters/int8_prep.py``): SmoothQuant
   scales where the family allows (outlier channels move into the weights) and per-token activation
-  scales around every projection (per group of input channels for the MLP output projection). Both
-  are exact in fp32; the rewritten part is exported once more and that graph is quantized.
+  scales around the MLP output projection (where the massive-activation tokens arrive). Both are
+  exact in fp32; the rewritten part (with the family's fused export layers, as for fp32) is exported
+  once more and that graph is quantized.
 - ``onnxruntime.quantization.quantize_dynamic``: weights int8 per output channel (symmetric),
-  activations quantized per tensor at run time -- per token, in effect, after the rewrite -- only
+  activations quantized per tensor at run time (per token, in effect, where the rewrite put scales), only
   MatMul/Gemm with a constant weight (the activation x activation MatMuls of attention stay fp32)
   plus the embedding table (Gather). It was as fast as optimum's ``AutoQuantizationConfig`` recipes
   and at least as accurate, and needs onnxruntime only. (``MatMulNBits`` 8-bit, the most accurate,

@@ -14,7 +14,7 @@ def _concat_linear(projections: list[nn.Linear]) -> nn.Linear:
     """One nn.Linear computing several projections of the same input, outputs side by side."""
     weight = torch.cat([p.weight for p in projections]).detach()
     biases = [p.bias for p in projections]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, dtype=weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(weight)
         if fused.bias is not None:
