@@ -99,3 +99,26 @@ def test_families_without_fused_layers_export_a_plain_copy(tiny_model):
     part = DevicePart(adapter_for("gpt2"), model, 2).eval()
     copy = part.fused_for_export(max_seq_len=32)
     assert copy is not part and [type(b) for b in copy.blocks] == [type(b) for b in part.blocks]
+
+
+def test_fused_layers_keep_rope_scaling_and_projection_biases():
+    """Llama-3.2's rope scaling ("llama3") lives in the rotary tables the fused layer copies; biased
+    q/k/v projections (attention_bias) are packed with their biases."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0, attention_bias=True,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 64, "rope_type": "llama3"},
+    )
+    model = transformers.LlamaModel(config).eval()
+    part = DevicePart(adapter_for("llama"), model, 2).eval()
+    fused = part.fused_for_export(max_seq_len=200)
+    ids = torch.randint(0, 64, (2, 150))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 90:] = 0
+    with torch.no_grad():
+        diff = (fused(ids, mask) - part(ids, mask)).abs()[mask.bool()].max().item()
+    assert diff <= 1e-5, diff
