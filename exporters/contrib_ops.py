@@ -14,6 +14,8 @@ block), and those nodes cost as much as the int8 projections on short device bat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import torch
 from onnx.defs import OpSchema
@@ -113,6 +115,28 @@ def _causal_gqa_onnx(qkv, cos_cache, sin_cache, num_heads: int, kv_heads: int, s
         num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=scale,
     )
     return out
+
+
+#: The attributes sftool sets on each contrib op it emits. When onnxruntime saves an optimized model it
+#: writes every attribute it knows, defaults included (1.32 adds 8 to GroupQueryAttention), and older
+#: onnxruntime builds on the boards reject a node with an attribute they do not know.
+EMITTED_ATTRIBUTES = {(MSFT_DOMAIN, "GroupQueryAttention"): {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved", "scale"}}
+
+
+def drop_saved_defaults(path: Path) -> None:
+    """Remove from sftool's contrib nodes in ``path`` the attributes onnxruntime added when saving (its
+    defaults): the node is then the one sftool exported, and loads on older onnxruntime too."""
+    model = onnx.load(str(path))
+    changed = False
+    for node in model.graph.node:
+        keep = EMITTED_ATTRIBUTES.get((node.domain, node.op_type))
+        if keep is None:
+            continue
+        for attribute in [a for a in node.attribute if a.name not in keep]:
+            node.attribute.remove(attribute)
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 #: ``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``.

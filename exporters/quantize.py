@@ -131,6 +131,9 @@ def ort_optimize(src: Path, dst: Path, level: str = "extended") -> None:
     except Exception as exc:  # ORT raises its own exception types
         tmp.unlink(missing_ok=True)
         raise SftoolError(f"onnxruntime could not optimize {src.name}: {exc}") from None
+    from sftool.exporters.contrib_ops import drop_saved_defaults
+
+    drop_saved_defaults(tmp)
     tmp.replace(dst)
 
 
