@@ -130,7 +130,7 @@ def prepare_for_int8(
     if pairs:
         smooth(part, pairs, input_absmax(part, calibration), alpha)
     if fuse_max_seq_len is not None:
-        part = part.fused_for_export(fuse_max_seq_len)
+        part.fuse_blocks(fuse_max_seq_len)
     wanted = part.adapter.per_token_projections
     for block in part.blocks:
         for qualified, child in list(block.named_modules()):

@@ -40,13 +40,16 @@ class DevicePart(nn.Module):
         return hidden
 
     def fused_for_export(self, max_seq_len: int) -> DevicePart:
-        """A copy whose blocks are the family's fused export layers (``FamilyAdapter.fused_layer``),
+        """A copy whose blocks are the family's fused export layers (``FamilyAdapter.fused_layers``),
         or an unchanged copy where the family has none. Only for export: it needs right padding."""
-        part = copy.deepcopy(self).eval()
-        fused = [self.adapter.fused_layer(block, part.embeddings, max_seq_len) for block in part.blocks]
-        if all(layer is not None for layer in fused):
-            part.blocks = nn.ModuleList(fused)
-        return part
+        return copy.deepcopy(self).eval().fuse_blocks(max_seq_len)
+
+    def fuse_blocks(self, max_seq_len: int) -> DevicePart:
+        """``fused_for_export`` in place, for a part that is already a private copy; returns self."""
+        fused = self.adapter.fused_layers(self.blocks, self.embeddings, max_seq_len)
+        if fused is not None:
+            self.blocks = nn.ModuleList(fused)
+        return self
 
 
 class BlockRunner(nn.Module):

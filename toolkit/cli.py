@@ -332,10 +332,11 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run through its device artifacts (fp32 or int8): accuracy and loss."""
     from sftool.runtime.files import atomic_write_text
+    from sftool.runtime.onnx_model import PRECISIONS
     from sftool.server.serve import evaluate_run
 
-    if precision not in ("fp32", "int8", "auto"):
-        raise SftoolError("--precision must be fp32, int8 or auto")
+    if precision not in PRECISIONS:  # checked here too: before the model loads
+        raise SftoolError(f"--precision must be one of {', '.join(PRECISIONS)}")
     result = evaluate_run(run, precision, data, log_line=lambda m: typer.echo(f"evaluate: {m}", err=True))
     typer.echo(f"{run}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} on {result['n']} rows "
                f"({result['precision']} device activations)")

@@ -87,8 +87,8 @@ class FamilyAdapter(ABC):
         producer's output channels by s, the projections that read them). None by default."""
         return []
 
-    def fused_layer(self, layer: nn.Module, modules: nn.ModuleDict, max_seq_len: int) -> nn.Module | None:
-        """An export-only stand-in for ``layer`` (same outputs on right-padded batches of up to
+    def fused_layers(self, layers: nn.ModuleList, modules: nn.ModuleDict, max_seq_len: int) -> list[nn.Module] | None:
+        """Export-only stand-ins for ``layers`` (same outputs on right-padded batches of up to
         ``max_seq_len`` tokens) built on onnxruntime's fused kernels, or None where the family has none."""
         return None
 

@@ -35,6 +35,16 @@ class RMSNormDiv(nn.Module):
         return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
+class RotaryTables(nn.Module):
+    """cos/sin of the rotary embedding for positions 0..max_len-1, one half of the head dimension
+    (what GroupQueryAttention reads). One instance serves every fused layer of a part."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.register_buffer("cos", cos.detach().clone(), persistent=False)
+        self.register_buffer("sin", sin.detach().clone(), persistent=False)
+
+
 class FusedLlamaLayer(nn.Module):
     """Export-only LlamaDecoderLayer: the same outputs on right-padded batches, in fewer, larger kernels.
 
@@ -45,7 +55,7 @@ class FusedLlamaLayer(nn.Module):
     projections: concatenated, the Split that parts them again costs more than the MatMul saves.)
     """
 
-    def __init__(self, layer: nn.Module, cos_cache: torch.Tensor, sin_cache: torch.Tensor):
+    def __init__(self, layer: nn.Module, rotary: RotaryTables):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.num_heads = int(attn.config.num_attention_heads)
@@ -58,14 +68,13 @@ class FusedLlamaLayer(nn.Module):
         self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
         self.act_fn = mlp.act_fn
         self.down_proj = mlp.down_proj
-        self.register_buffer("cos_cache", cos_cache.detach().clone(), persistent=False)
-        self.register_buffer("sin_cache", sin_cache.detach().clone(), persistent=False)
+        self.rotary = rotary
 
     def forward(self, hidden: torch.Tensor, **context: Any) -> torch.Tensor:
         from sftool.exporters.contrib_ops import causal_gqa
 
         qkv = self.qkv_proj(self.input_norm(hidden))
-        attn = causal_gqa(qkv, self.cos_cache, self.sin_cache, self.num_heads, self.kv_heads, self.scale)
+        attn = causal_gqa(qkv, self.rotary.cos, self.rotary.sin, self.num_heads, self.kv_heads, self.scale)
         hidden = hidden + self.o_proj(attn)
         normed = self.post_attention_norm(hidden)
         return hidden + self.down_proj(self.act_fn(self.gate_proj(normed)) * self.up_proj(normed))
@@ -100,15 +109,17 @@ class LlamaAdapter(FamilyAdapter):
             (divide_rows(mlp.up_proj), [mlp.down_proj]),
         ]
 
-    def fused_layer(self, layer: nn.Module, modules: nn.ModuleDict, max_seq_len: int) -> nn.Module:
+    def fused_layers(self, layers: nn.ModuleList, modules: nn.ModuleDict, max_seq_len: int) -> list[nn.Module]:
         # The rotary tables the model itself computes (rope scaling and attention scaling included),
-        # for positions 0..max_seq_len-1; cos/sin repeat over the two halves, GQA takes one half.
+        # for positions 0..max_seq_len-1, once for all layers; cos/sin repeat over the two halves, GQA
+        # takes one half.
         positions = torch.arange(max_seq_len)[None]
-        probe = torch.zeros(1, max_seq_len, 1, dtype=layer.input_layernorm.weight.dtype)
+        probe = torch.zeros(1, max_seq_len, 1, dtype=layers[0].input_layernorm.weight.dtype)
         with torch.no_grad():
             cos, sin = modules["rotary_emb"](probe, positions)
         half = cos.shape[-1] // 2
-        return FusedLlamaLayer(layer, cos[0, :, :half], sin[0, :, :half])
+        rotary = RotaryTables(cos[0, :, :half], sin[0, :, :half])
+        return [FusedLlamaLayer(layer, rotary) for layer in layers]
 
     def context(
         self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor

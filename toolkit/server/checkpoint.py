@@ -82,14 +82,20 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return folder
 
 
+def adapter_weights_file(adapter_folder: Path) -> Path:
+    """The saved adapter's weights file in ``adapter_folder``; SftoolError if there is none."""
+    weights_file = Path(adapter_folder) / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise SftoolError(f"{adapter_folder} holds no trained adapter")
+    return weights_file
+
+
 def load_adapter_weights(model, adapter_folder: Path) -> None:
     """Load a saved adapter (LoRA + head, peft format) into ``model.peft_model``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights_file = Path(adapter_folder) / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise SftoolError(f"{adapter_folder} holds no trained adapter")
+    weights_file = adapter_weights_file(adapter_folder)
     result = set_peft_model_state_dict(model.peft_model, load_file(str(weights_file)))
     if getattr(result, "unexpected_keys", None):
         raise SftoolError(f"{weights_file} does not fit this model ({len(result.unexpected_keys)} unexpected keys)")

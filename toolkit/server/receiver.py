@@ -357,6 +357,9 @@ class Receiver(threading.Thread):
         if self._ahead(session):
             self._held.setdefault(device, []).append(seq)  # this credit waits for the others to catch up
             return
+        self._send_ack(session, seq)
+
+    def _send_ack(self, session: DeviceSession, seq: int) -> None:
         session.unacked.discard(seq)
         self._send(session.routing_id, MsgType.ACK, seq=seq)
 
@@ -384,8 +387,7 @@ class Receiver(threading.Thread):
             session = self.sessions[device]
             if not self._ahead(session):
                 for seq in self._held.pop(device):
-                    session.unacked.discard(seq)
-                    self._send(session.routing_id, MsgType.ACK, seq=seq)
+                    self._send_ack(session, seq)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()

@@ -25,6 +25,7 @@ from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.server.activation_cache import ActivationCache
 from sftool.server.checkpoint import (
     TrainingProgress,
+    adapter_weights_file,
     latest_checkpoint,
     load_adapter_weights,
     load_checkpoint,
@@ -147,8 +148,7 @@ def evaluate_run(
         opts = replace(opts, eval_data=Path(eval_data))
     if opts.eval_data is None:
         raise SftoolError(f"{run_dir} was trained without --eval-data; give the data to evaluate on")
-    if not (Path(run_dir) / "adapter" / "adapter_model.safetensors").is_file():
-        raise SftoolError(f"{run_dir} has no trained adapter")
+    adapter_weights_file(Path(run_dir) / "adapter")  # fail before loading the model
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model, manifests = _build_model(opts, log_line)
