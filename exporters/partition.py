@@ -8,6 +8,7 @@ import hashlib
 import torch
 from sftool.errors import SftoolError
 from sftool.exporters.families.base import FamilyAdapter, position_ids_from_mask
+from sftool.exporters.token_layout import TokenLayout
 from torch import nn
 
 
@@ -30,9 +31,18 @@ class DevicePart(nn.Module):
         self.split = split
         self.embeddings = nn.ModuleDict(adapter.embedding_modules(backbone))
         self.blocks = nn.ModuleList(list(adapter.layers(backbone))[:split])
+        #: True once ``fuse_blocks`` swapped in fused layers, which run on the real tokens only.
+        self.fused = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         position_ids = position_ids_from_mask(attention_mask)
+        if self.fused:
+            # Fused layers run on the real tokens only, packed as one row [1, T] from the embeddings on.
+            layout = TokenLayout(attention_mask)
+            tokens = self.adapter.embed(self.embeddings, layout.pack_ids(input_ids), layout.pack_ids(position_ids))[0]
+            for block in self.blocks:
+                tokens = block(tokens, layout)
+            return layout.unpack_zero_padded(tokens)
         hidden = self.adapter.embed(self.embeddings, input_ids, position_ids)
         context = self.adapter.context(self.embeddings, hidden, attention_mask, position_ids)
         for block in self.blocks:
@@ -49,6 +59,7 @@ class DevicePart(nn.Module):
         fused = self.adapter.fused_layers(self.blocks, self.embeddings, max_seq_len)
         if fused is not None:
             self.blocks = nn.ModuleList(fused)
+            self.fused = True
         return self
 
 

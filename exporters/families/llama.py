@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 from sftool.exporters.families.base import FamilyAdapter
+from sftool.exporters.token_layout import TokenLayout
 from torch import nn
 
 
@@ -70,12 +71,13 @@ class FusedLlamaLayer(nn.Module):
         self.down_proj = mlp.down_proj
         self.rotary = rotary
 
-    def forward(self, hidden: torch.Tensor, **context: Any) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """tokens [T, H]: the batch's real tokens (``TokenLayout.pack``); returns the same rows."""
         from sftool.exporters.contrib_ops import causal_gqa
 
-        qkv = self.qkv_proj(self.input_norm(hidden))
+        qkv = layout.unpack(self.qkv_proj(self.input_norm(tokens)))
         attn = causal_gqa(qkv, self.rotary.cos, self.rotary.sin, self.num_heads, self.kv_heads, self.scale)
-        hidden = hidden + self.o_proj(attn)
+        hidden = tokens + self.o_proj(layout.pack(attn))
         normed = self.post_attention_norm(hidden)
         return hidden + self.down_proj(self.act_fn(self.gate_proj(normed)) * self.up_proj(normed))
 
