@@ -9,7 +9,8 @@ block), and those nodes cost as much as the int8 projections on short device bat
 - ``sftool::causal_gqa`` -> ``com.microsoft.GroupQueryAttention`` (rotary embedding applied inside,
   grouped K/V heads, causal). It assumes **right padding**: a real token then only sees real tokens
   before it, so causality alone is the exact mask for every real position (padding positions get
-  finite values nobody reads). The device runtime refuses left-padded batches for that reason.
+  finite values nobody reads). The device runtime refuses left-padded batches for that reason. Each
+  row's real length goes to the kernel (``seqlens_k``), which then skips the padding rows' work.
 """
 
 from __future__ import annotations
@@ -70,13 +71,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @torch.library.custom_op("sftool::causal_gqa", mutates_args=())
 def causal_gqa(
-    qkv: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_heads: int, scale: float
+    qkv: torch.Tensor,
+    lengths: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    num_heads: int,
+    kv_heads: int,
+    scale: float,
 ) -> torch.Tensor:
     """Causal grouped-query attention with rotary positions 0..S-1 on right-padded rows.
 
     qkv [B, S, (num_heads + 2 * kv_heads) * D]: queries, keys and values packed side by side (one
-    projection makes them; no split copies them apart). cos/sin caches [max_len, D/2]. Returns
-    [B, S, num_heads * D], the heads concatenated (what the output projection reads).
+    projection makes them; no split copies them apart). lengths [B]: real tokens per row (only the
+    ONNX kernel uses them, to skip padding; causality alone is exact on real tokens). cos/sin caches
+    [max_len, D/2]. Returns [B, S, num_heads * D], the heads concatenated (what the output projection
+    reads).
     """
     batch, seq, width = qkv.shape
     head_dim = width // (num_heads + 2 * kv_heads)
@@ -92,22 +101,22 @@ def causal_gqa(
 
 
 @causal_gqa.register_fake
-def _causal_gqa_shape(qkv, cos_cache, sin_cache, num_heads, kv_heads, scale):
+def _causal_gqa_shape(qkv, lengths, cos_cache, sin_cache, num_heads, kv_heads, scale):
     head_dim = qkv.shape[-1] // (num_heads + 2 * kv_heads)
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], num_heads * head_dim)
 
 
-def _causal_gqa_onnx(qkv, cos_cache, sin_cache, num_heads: int, kv_heads: int, scale: float):
+def _causal_gqa_onnx(qkv, lengths, cos_cache, sin_cache, num_heads: int, kv_heads: int, scale: float):
     import onnxscript
     from onnxscript import opset18 as op
 
     _register_gqa_schema()
     msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
-    shape = op.Shape(qkv)
-    batch, seq = op.Slice(shape, [0], [1]), op.Slice(shape, [1], [2])
+    seq = op.Slice(op.Shape(qkv), [1], [2])
     int32 = onnx.TensorProto.INT32
-    # No cache: every row is a fresh prompt of the full (padded) length, attended causally.
-    seqlens_k = op.Cast(op.Expand(op.Sub(seq, [1]), batch), to=int32)
+    # No cache: every row is a fresh prompt, right-padded to the batch's length; seqlens_k counts the
+    # row's tokens minus one (onnxruntime's convention).
+    seqlens_k = op.Cast(op.Sub(lengths, [1]), to=int32)
     total = op.Cast(op.Squeeze(seq, [0]), to=int32)
     # Packed QKV: key and value stay empty and the kernel reads all three from one tensor.
     out, _present_k, _present_v = msft.GroupQueryAttention(

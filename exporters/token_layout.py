@@ -17,6 +17,8 @@ class TokenLayout:
 
     def __init__(self, attention_mask: torch.Tensor):
         self.batch, self.seq = attention_mask.shape
+        #: Real tokens per row [B].
+        self.lengths = attention_mask.sum(-1)
         #: Flat positions (b * S + t) of the real tokens, in order: row i of the packed matrix.
         self.index = torch.nonzero(attention_mask.reshape(-1)).reshape(-1)
         count = self.index.shape[0]

@@ -76,7 +76,7 @@ class FusedLlamaLayer(nn.Module):
         from sftool.exporters.contrib_ops import causal_gqa
 
         qkv = layout.unpack(self.qkv_proj(self.input_norm(tokens)))
-        attn = causal_gqa(qkv, self.rotary.cos, self.rotary.sin, self.num_heads, self.kv_heads, self.scale)
+        attn = causal_gqa(qkv, layout.lengths, self.rotary.cos, self.rotary.sin, self.num_heads, self.kv_heads, self.scale)
         hidden = tokens + self.o_proj(layout.pack(attn))
         normed = self.post_attention_norm(hidden)
         return hidden + self.down_proj(self.act_fn(self.gate_proj(normed)) * self.up_proj(normed))
