@@ -88,8 +88,27 @@ def test_fused_export_layers_equal_the_model_on_right_padded_rows(tiny_model):
     with torch.no_grad():
         ref, got = part(ids, mask), fused(ids, mask)
     assert (got - ref).abs()[mask.bool()].max().item() <= 1e-5
+    assert not got[~mask.bool()].any()  # it ran on the real tokens only; padding comes back as zeros
     # The original part is untouched: the fused copy owns its blocks.
     assert not any(isinstance(block, FusedLlamaLayer) for block in part.blocks)
+
+
+def test_token_layout_packs_the_real_tokens_in_order_and_restores_the_padded_layout():
+    from sftool.exporters.token_layout import TokenLayout
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    x = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2) + 1
+    layout = TokenLayout(mask)
+    packed = layout.pack(x)
+    assert packed.shape == (8, 2) and torch.equal(packed, x[mask.bool()])
+    assert layout.lengths.tolist() == [3, 1, 4]
+    assert torch.equal(layout.pack_ids(mask * 7), torch.full((1, 8), 7))
+    restored = layout.unpack_zero_padded(packed)
+    assert torch.equal(restored, x * mask[..., None])
+    # For attention: real positions exact, padding positions hold some real token's row.
+    for_attention = layout.unpack(packed)
+    assert torch.equal(for_attention[mask.bool()], x[mask.bool()])
+    assert all(any(torch.equal(row, p) for p in packed) for row in for_attention[~mask.bool()])
 
 
 def test_families_without_fused_layers_export_a_plain_copy(tiny_model):

@@ -88,8 +88,10 @@ class FamilyAdapter(ABC):
         return []
 
     def fused_layers(self, layers: nn.ModuleList, modules: nn.ModuleDict, max_seq_len: int) -> list[nn.Module] | None:
-        """Export-only stand-ins for ``layers`` (same outputs on right-padded batches of up to
-        ``max_seq_len`` tokens) built on onnxruntime's fused kernels, or None where the family has none."""
+        """Export-only stand-ins for ``layers`` built on onnxruntime's fused kernels, or None where the
+        family has none. Each is called as ``layer(tokens, layout)``: the real tokens [T, H] of a
+        right-padded batch of up to ``max_seq_len`` tokens and their ``TokenLayout``; it returns the same
+        rows as the transformers layer would at those positions."""
         return None
 
     def num_layers(self, config: Any) -> int:

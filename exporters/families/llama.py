@@ -47,7 +47,8 @@ class RotaryTables(nn.Module):
 
 
 class FusedLlamaLayer(nn.Module):
-    """Export-only LlamaDecoderLayer: the same outputs on right-padded batches, in fewer, larger kernels.
+    """Export-only LlamaDecoderLayer: the same outputs on right-padded batches, in fewer, larger kernels,
+    on the real tokens only (``TokenLayout``: attention alone sees the padded layout).
 
     q/k/v become one projection whose packed output goes straight into ``sftool::causal_gqa``
     (onnxruntime's GroupQueryAttention, rotary embedding included), and the norms take the form
