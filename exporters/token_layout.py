@@ -22,15 +22,16 @@ class TokenLayout:
         #: Flat positions (b * S + t) of the real tokens, in order: row i of the packed matrix.
         self.index = torch.nonzero(attention_mask.reshape(-1)).reshape(-1)
         count = self.index.shape[0]
-        # For each padded position, its packed row; padding positions read row 0 (their values are
-        # computed and never read: right padding means no real token attends to them).
-        self._rows = torch.zeros(self.batch * self.seq, dtype=torch.long).scatter(
-            0, self.index, torch.arange(count, dtype=torch.long)
-        )
-        # The same with padding pointing at an extra zero row, for the part's output.
-        self._rows_or_zero = torch.full((self.batch * self.seq,), count, dtype=torch.long).scatter(
-            0, self.index, torch.arange(count, dtype=torch.long)
-        )
+        # For each padded position, its packed row; padding positions read row 0 for attention (their
+        # values are computed and never read: with right padding no real token attends to them), and
+        # an extra zero row (row T) for the part's output.
+        self._rows = self._packed_row_of_each_position(padding_row=0)
+        self._rows_or_zero = self._packed_row_of_each_position(padding_row=count)
+
+    def _packed_row_of_each_position(self, padding_row: int | torch.SymInt) -> torch.Tensor:
+        device = self.index.device
+        rows = torch.full((self.batch * self.seq,), padding_row, dtype=torch.long, device=device)
+        return rows.scatter(0, self.index, torch.arange(self.index.shape[0], dtype=torch.long, device=device))
 
     def pack_ids(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [1, T]: token ids (or positions) of the real tokens, as one row."""
