@@ -115,8 +115,9 @@ def _causal_gqa_onnx(qkv, lengths, cos_cache, sin_cache, num_heads: int, kv_head
     seq = op.Slice(op.Shape(qkv), [1], [2])
     int32 = onnx.TensorProto.INT32
     # No cache: every row is a fresh prompt, right-padded to the batch's length; seqlens_k counts the
-    # row's tokens minus one (onnxruntime's convention).
-    seqlens_k = op.Cast(op.Sub(lengths, [1]), to=int32)
+    # row's tokens minus one (onnxruntime's convention), at least 0: the kernel rejects -1, and a row
+    # that is all padding has no output anyone reads.
+    seqlens_k = op.Cast(op.Max(op.Sub(lengths, [1]), op.Constant(value_ints=[0])), to=int32)
     total = op.Cast(op.Squeeze(seq, [0]), to=int32)
     # Packed QKV: key and value stay empty and the kernel reads all three from one tensor.
     out, _present_k, _present_v = msft.GroupQueryAttention(
