@@ -204,7 +204,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
         calibration = calibration_batch(staging, tokenizer, max_seq_len, pad_id)
         reference = torch_reference(device_part, calibration)
         text_parity = ort_parity(staging / DEVICE_ONNX, calibration, reference)
-        fused_note = " + fused layers" if type(export_part.blocks[0]) is not type(device_part.blocks[0]) else ""
+        fused_note = " + fused layers" if export_part.fused else ""
         method = f"torch.onnx/{opts.exporter}{fused_note}" + ("" if opts.graph_optimization == "none" else f" + ort.{opts.graph_optimization}")
         variants = [Variant(DEVICE_ONNX, "fp32", "any", method, text_parity)]
         plain.unlink()

@@ -21,17 +21,12 @@ class TokenLayout:
         self.lengths = attention_mask.sum(-1)
         #: Flat positions (b * S + t) of the real tokens, in order: row i of the packed matrix.
         self.index = torch.nonzero(attention_mask.reshape(-1)).reshape(-1)
-        count = self.index.shape[0]
-        # For each padded position, its packed row; padding positions read row 0 for attention (their
-        # values are computed and never read: with right padding no real token attends to them), and
-        # an extra zero row (row T) for the part's output.
-        self._rows = self._packed_row_of_each_position(padding_row=0)
-        self._rows_or_zero = self._packed_row_of_each_position(padding_row=count)
-
-    def _packed_row_of_each_position(self, padding_row: int | torch.SymInt) -> torch.Tensor:
+        # For each padded position, its packed row (for attention). Padding positions read row 0: their
+        # values are computed and never read, since with right padding no real token attends to them.
         device = self.index.device
-        rows = torch.full((self.batch * self.seq,), padding_row, dtype=torch.long, device=device)
-        return rows.scatter(0, self.index, torch.arange(self.index.shape[0], dtype=torch.long, device=device))
+        self._rows = torch.zeros(self.batch * self.seq, dtype=torch.long, device=device).scatter(
+            0, self.index, torch.arange(self.index.shape[0], dtype=torch.long, device=device)
+        )
 
     def pack_ids(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [1, T]: token ids (or positions) of the real tokens, as one row."""
@@ -47,5 +42,5 @@ class TokenLayout:
 
     def unpack_zero_padded(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] -> [B, S, C] with zeros at padding positions (for what leaves the part)."""
-        padded = torch.cat([x, x.new_zeros(1, x.shape[-1])])
-        return padded.index_select(0, self._rows_or_zero).reshape(self.batch, self.seq, x.shape[-1])
+        padded = x.new_zeros(self.batch * self.seq, x.shape[-1]).index_copy(0, self.index, x)
+        return padded.reshape(self.batch, self.seq, x.shape[-1])
