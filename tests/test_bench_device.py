@@ -26,6 +26,13 @@ def test_bench_device_tiny_cli_writes_json(tmp_path):
     assert wire["fp16_padded"] < wire["fp32_padded"]
     assert [t["target"] for t in results["targets"]][0] == "int8 speed-up over torch eager forward"
     assert all(t["met"] in (True, False) for t in results["targets"])
+    # the same targets with ort_int8 at the int8 floor: never worse than measured; wire bytes do not move
+    floor = results["int8_floor"]["floor_ms_per_sample"]
+    assert 0 < floor < results["paths"]["ort_int8"]["ms_per_sample"] and "int8 floor" in result.output
+    speed, splitlora, fedlora, wire_target = results["targets"]
+    assert speed["at_int8_floor"] > speed["value"] and splitlora["at_int8_floor"] > splitlora["value"]
+    assert fedlora["at_int8_floor"] == 1 - floor / results["paths"]["fedlora_device"]["ms_per_sample"]
+    assert wire_target["at_int8_floor"] == wire_target["value"] and wire_target["reachable"] is wire_target["met"]
     run, ms = results["training_run"], {n: p["ms_per_sample"] for n, p in results["paths"].items()}
     assert run["epochs"] == 2 and "2-epoch run" in result.output
     # a frozen device computes each sample once per run; training devices compute every epoch
