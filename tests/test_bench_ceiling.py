@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import SPLIT
 from int8_fixtures import int8_artifacts  # noqa: F401  (session fixture)
-from sftool.bench_ceiling import gemm_profile, int8_floor, int8_gemm_peak_gmacs, weight_macs_per_token
+from sftool.bench_ceiling import Int8Floor, weight_macs_per_token
 from sftool.bench_device import make_batches
 from sftool.exporters.quantize import CALIBRATION_TEXTS
 from sftool.runtime.manifest import load_manifest
@@ -36,18 +36,22 @@ def test_weight_macs_count_every_device_projection_in_fp32_and_int8_files(family
         assert weight_macs_per_token(artifacts / variant.file) == expected, variant.label
 
 
-def test_int8_floor_of_a_real_int8_file(int8_artifacts):
+def test_int8_floor_of_a_real_int8_file(int8_artifacts, tmp_path):
     artifacts = int8_artifacts("llama")
     model = artifacts / "device.int8.avx512_vnni.onnx"
-    peak = int8_gemm_peak_gmacs(reduce_range=False, threads=1, repeats=2)
-    assert 1 < peak < 10_000  # GMAC/s of one core: a unit slip would land far outside
     texts = list(CALIBRATION_TEXTS)
     batches = make_batches(artifacts, texts, [0] * len(texts), batch_size=4, max_len=64)
-    profile = gemm_profile(model, batches, threads=1)
-    assert 0 < profile["gemm_ms_per_sample"] < profile["kernels_ms_per_sample"]
+    probe = Int8Floor(model, reduce_range=False, threads=1, profile_dir=tmp_path, batches=batches)
+    for _ in range(2):
+        probe.repetition()
     tokens = sum(int(mask.sum()) for _, mask, _ in batches) / len(texts)
-    floor = int8_floor(weight_macs_per_token(model), tokens, peak, profile)
+    floor = probe.result(tokens)
+    peak = floor["int8_gemm_peak_gmacs"]
+    assert len(floor["int8_gemm_peak_gmacs_all"]) == 2 and peak == max(floor["int8_gemm_peak_gmacs_all"])
+    assert 1 < peak < 10_000  # GMAC/s of one core: a unit slip would land far outside
+    assert floor["weight_macs_per_token"] == weight_macs_per_token(model)
     assert floor["floor_ms_per_sample"] == pytest.approx(floor["macs_per_sample"] / (peak * 1e9) * 1e3)
+    assert 0 < floor["int8_gemm_ms_per_sample"] < floor["int8_kernels_ms_per_sample"]
     # The file's GEMMs cannot beat the CPU's int8 GEMM peak, so neither can their time the floor.
     assert floor["int8_gemm_gmacs"] < 1.2 * peak
-    assert floor["floor_ms_per_sample"] < 1.2 * profile["gemm_ms_per_sample"]
+    assert floor["floor_ms_per_sample"] < 1.2 * floor["int8_gemm_ms_per_sample"]

@@ -1,26 +1,26 @@
 """The int8 floor of a device part on this CPU, for `sftool bench device`.
 
 A frozen device's forward pass cannot do less than its weight GEMMs: every real token goes through
-every projection of blocks 0..k-1 once (the exported graph skips padding). And no int8 kernel on this
-CPU runs those GEMMs faster than onnxruntime's own int8 GEMM at its best, measured here on a large
-matrix with the same quantization recipe. So
+every projection of blocks 0..k-1 once (the exported graph skips padding). And onnxruntime's int8
+GEMM on this CPU runs no faster than its rate on a large matrix, quantized with the same recipe as
+the device part and measured here with the same threads. So
 
     floor (ms per sample) = weight MACs per token x real tokens per sample / int8 GEMM peak
 
-bounds every int8 export of these layers on this CPU from below, with zero cost for attention, norms,
-activations and the session. Set against the other paths' measured times, it says which targets no
-int8 device part can reach on this machine, whatever is done outside the GEMMs. A profile of the real
-int8 file shows how much of its time is GEMM and how close that GEMM is to the peak.
+bounds every int8 device part of these layers run by onnxruntime on this CPU from below, counting
+nothing for attention, norms, activations or the session. Set against the other paths' measured
+times, it says which targets no such device part can reach on this machine, whatever is done outside
+the GEMMs. A profile of the real int8 file shows how much of its time is GEMM, and how close that is
+to the peak.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import json
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -49,9 +49,72 @@ def weight_macs_per_token(model_path: Path) -> int:
     return total
 
 
-def int8_gemm_peak_gmacs(reduce_range: bool, threads: int | None, repeats: int = 5) -> float:
-    """This CPU's int8 GEMM rate in GMAC/s: a ``PROBE_SHAPE`` MatMul quantized and optimized exactly as the
-    export quantizes a device part (``quantize._quantize_one``), run by onnxruntime; best of ``repeats``."""
+class Int8Floor:
+    """Measures the int8 floor side by side with the bench's repetitions.
+
+    Each :meth:`repetition` times the peak probe once and runs the batches once through a profiled
+    session of the int8 file, so a moment of contention on the machine hits one repetition, not the
+    result: :meth:`result` keeps the best probe and the repetition with the least GEMM time.
+    """
+
+    def __init__(self, model_path: Path, reduce_range: bool, threads: int | None, profile_dir: Path, batches: list) -> None:
+        import onnxruntime as ort
+        from sftool.runtime.onnx_model import SessionSettings
+
+        self.macs_per_token = weight_macs_per_token(model_path)
+        self._probe, self._probe_input = _peak_probe(reduce_range, threads, Path(profile_dir))
+        options = SessionSettings(threads=threads).session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(profile_dir) / "int8-profile")
+        self._profiled = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self._batches = batches
+        self._passes = 0
+        self._run_batches()  # warm-up pass, left out of the result
+        self._probe.run(None, {"x": self._probe_input})
+        self.peak_gmacs: list[float] = []
+
+    def _run_batches(self) -> None:
+        for ids, mask, _ in self._batches:
+            self._profiled.run(None, {"input_ids": ids, "attention_mask": mask})
+        self._passes += 1
+
+    def repetition(self) -> None:
+        """One timing of the peak probe (about 1 GMAC) and one profiled pass over the batches."""
+        tokens, k, n = PROBE_SHAPE
+        calls = max(3, int(1e9 // (tokens * k * n)))
+        started = time.perf_counter()
+        for _ in range(calls):
+            self._probe.run(None, {"x": self._probe_input})
+        self.peak_gmacs.append(tokens * k * n * calls / (time.perf_counter() - started) / 1e9)
+        self._run_batches()
+
+    def result(self, tokens_per_sample: float) -> dict:
+        """The floor and how the int8 file compares with it (see the module docstring)."""
+        if not self.peak_gmacs:
+            self.repetition()
+        events = json.loads(Path(self._profiled.end_profiling()).read_text())
+        per_pass = _kernel_us_per_pass(events, len(self._batches), self._passes)[1:]  # drop the warm-up pass
+        samples = sum(len(ids) for ids, _, _ in self._batches)
+        best = min(per_pass, key=lambda kernel_us: _gemm_us(kernel_us))
+        gemm_ms = _gemm_us(best) / 1000 / samples
+        peak = max(self.peak_gmacs)
+        macs_per_sample = self.macs_per_token * tokens_per_sample
+        return {
+            "weight_macs_per_token": self.macs_per_token,
+            "macs_per_sample": macs_per_sample,
+            "int8_gemm_peak_gmacs": peak,
+            "int8_gemm_peak_gmacs_all": self.peak_gmacs,
+            "probe_shape": list(PROBE_SHAPE),
+            "floor_ms_per_sample": macs_per_sample / peak / 1e6,
+            "int8_gemm_ms_per_sample": gemm_ms,
+            "int8_kernels_ms_per_sample": sum(best.values()) / 1000 / samples,
+            "int8_gemm_gmacs": macs_per_sample / gemm_ms / 1e6 if gemm_ms else float("nan"),
+        }
+
+
+def _peak_probe(reduce_range: bool, threads: int | None, folder: Path):
+    """A ``PROBE_SHAPE`` MatMul quantized and optimized exactly as the export quantizes a device part
+    (``quantize._quantize_one``), in an onnxruntime session with the device's settings, and its input."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from sftool.exporters.quantize import Recipe, _quantize_one
@@ -65,61 +128,22 @@ def int8_gemm_peak_gmacs(reduce_range: bool, threads: int | None, repeats: int =
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])], [weight],
     )
-    with tempfile.TemporaryDirectory(prefix="sftool-gemm-probe-") as tmp:
-        source, quantized = Path(tmp) / "probe.onnx", Path(tmp) / "probe.int8.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
-        _quantize_one(source, quantized, Recipe(reduce_range, "probe"), "extended")
-        session = open_session(quantized, SessionSettings(threads=threads))
-    x = rng.standard_normal((tokens, k)).astype(np.float32)
-    session.run(None, {"x": x})
-    calls = max(3, int(1e9 // (tokens * k * n)))  # about 1 GMAC per timing
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(calls):
-            session.run(None, {"x": x})
-        best = min(best, (time.perf_counter() - started) / calls)
-    return tokens * k * n / best / 1e9
+    source, quantized = folder / "gemm-probe.onnx", folder / "gemm-probe.int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
+    _quantize_one(source, quantized, Recipe(reduce_range, "probe"), "extended")
+    return open_session(quantized, SessionSettings(threads=threads)), rng.standard_normal((tokens, k)).astype(np.float32)
 
 
-def gemm_profile(model_path: Path, batches: Iterable, threads: int | None) -> dict[str, float]:
-    """Kernel time per sample (ms) of the file's GEMM nodes and of all its nodes, from onnxruntime's
-    profiler over one pass of ``batches`` (after a warm-up pass)."""
-    import onnxruntime as ort
-    from sftool.runtime.onnx_model import SessionSettings
-
-    batches = list(batches)
-    samples = sum(len(ids) for ids, _, _ in batches)
-    with tempfile.TemporaryDirectory(prefix="sftool-profile-") as tmp:
-        options = SessionSettings(threads=threads).session_options()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        for _ in range(2):  # a warm-up pass, then the measured one; both are profiled
-            for ids, mask, _ in batches:
-                session.run(None, {"input_ids": ids, "attention_mask": mask})
-        events = json.loads(Path(session.end_profiling()).read_text())
-    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    measured_from = runs[len(batches)]  # the first run of the second pass
-    kernel_us: collections.Counter[str] = collections.Counter()
+def _kernel_us_per_pass(events: list[dict], runs_per_pass: int, passes: int) -> list[collections.Counter]:
+    """Kernel microseconds per op type for each pass, from an onnxruntime profile (one model_run per batch)."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    bounds = [starts[i * runs_per_pass] for i in range(passes)] + [float("inf")]
+    out = [collections.Counter() for _ in range(passes)]
     for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= measured_from:
-            kernel_us[event["args"]["op_name"]] += event["dur"]
-    gemm = sum(us for op, us in kernel_us.items() if op in GEMM_OPS)
-    return {"gemm_ms_per_sample": gemm / 1000 / samples, "kernels_ms_per_sample": sum(kernel_us.values()) / 1000 / samples}
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            out[max(0, bisect.bisect_right(bounds, event["ts"]) - 1)][event["args"]["op_name"]] += event["dur"]
+    return out
 
 
-def int8_floor(macs_per_token: int, tokens_per_sample: float, peak_gmacs: float, profile: dict[str, float]) -> dict:
-    """The floor and how the real int8 file compares with it (see the module docstring)."""
-    macs_per_sample = macs_per_token * tokens_per_sample
-    gemm_ms = profile["gemm_ms_per_sample"]
-    return {
-        "weight_macs_per_token": macs_per_token,
-        "macs_per_sample": macs_per_sample,
-        "int8_gemm_peak_gmacs": peak_gmacs,
-        "probe_shape": list(PROBE_SHAPE),
-        "floor_ms_per_sample": macs_per_sample / peak_gmacs / 1e6,
-        "int8_gemm_ms_per_sample": gemm_ms,
-        "int8_kernels_ms_per_sample": profile["kernels_ms_per_sample"],
-        "int8_gemm_gmacs": macs_per_sample / gemm_ms / 1e6 if gemm_ms else float("nan"),
-    }
+def _gemm_us(kernel_us: collections.Counter) -> float:
+    return sum(us for op, us in kernel_us.items() if op in GEMM_OPS)

@@ -324,6 +324,7 @@ def run_device_bench(cfg: DeviceBenchConfig, log: Callable[[str], None] = print)
             runners[name], described[name] = build_path(name, artifacts, source, threads, cfg.lora_rank)
             for ids, mask, lab in batches[:1]:  # warm-up
                 runners[name](ids, mask, lab)
+        floor_probe = _int8_floor(artifacts, manifest, batches, threads, tmp, log)
         times: dict[str, list[float]] = {name: [] for name in cfg.paths}
         order = list(cfg.paths)
         for rep in range(cfg.repeats):
@@ -332,9 +333,10 @@ def run_device_bench(cfg: DeviceBenchConfig, log: Callable[[str], None] = print)
                 for ids, mask, lab in batches:
                     runners[name](ids, mask, lab)
                 times[name].append((time.perf_counter() - started) / samples * 1000)
+            floor_probe.repetition()
             log(f"repetition {rep + 1}/{cfg.repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f}" for n in cfg.paths) + " ms/sample")
 
-        floor = _int8_floor(artifacts, manifest, batches, tokens / samples, threads, log)
+        floor = floor_probe.result(tokens / samples)
         hidden_states = [runners["ort_int8"](ids, mask, lab) for ids, mask, lab in batches]
         wire = wire_bytes(batches, hidden_states, max_len)
         del runners
@@ -375,16 +377,14 @@ def run_device_bench(cfg: DeviceBenchConfig, log: Callable[[str], None] = print)
     return results
 
 
-def _int8_floor(artifacts: Path, manifest, batches, tokens_per_sample: float, threads: int, log: Callable[[str], None]) -> dict:
-    from sftool.bench_ceiling import gemm_profile, int8_floor, int8_gemm_peak_gmacs, weight_macs_per_token
+def _int8_floor(artifacts: Path, manifest, batches, threads: int, tmp: Path, log: Callable[[str], None]):
+    from sftool.bench_ceiling import Int8Floor
     from sftool.exporters.quantize import RECIPES
     from sftool.runtime.onnx_model import choose_variant
 
     variant = choose_variant(manifest, "int8")
-    log(f"int8 floor: measuring this CPU's int8 GEMM peak, profiling {variant.file}")
-    model = Path(artifacts) / variant.file
-    return int8_floor(weight_macs_per_token(model), tokens_per_sample,
-                      int8_gemm_peak_gmacs(RECIPES[variant.target].reduce_range, threads), gemm_profile(model, batches, threads))
+    log(f"int8 floor: an int8 GEMM probe ({variant.target} recipe) and a profiled {variant.file} in each repetition")
+    return Int8Floor(Path(artifacts) / variant.file, RECIPES[variant.target].reduce_range, threads, tmp, batches)
 
 
 def training_run_view(median: dict[str, float], epochs: int) -> dict:
