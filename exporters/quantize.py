@@ -170,7 +170,9 @@ def ort_parity(model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference
     return compare_outputs(reference, got, mask)
 
 
-def _quantize_one(source_model: Path, out: Path, recipe: Recipe, graph_optimization: str) -> None:
+def quantize_file(source_model: Path, out: Path, recipe: Recipe, graph_optimization: str) -> None:
+    """Quantize one fp32 ONNX file with ``recipe`` and save it optimized at ``graph_optimization``: how
+    every int8 variant is made (and the int8 GEMM probe of ``sftool bench device``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = out.with_name(f".{out.name}.plain")
@@ -231,7 +233,7 @@ def quantize_variants(
             first, parity = done[recipe]
             shutil.copyfile(first, out)
         else:
-            _quantize_one(Path(source_model), out, recipe, graph_optimization)
+            quantize_file(Path(source_model), out, recipe, graph_optimization)
             parity = ort_parity(out, batch, reference)
             log(
                 f"int8/{target}: {out.stat().st_size / 1e6:.1f} MB, mean cosine {parity['mean_cosine']:.5f}, "

@@ -78,7 +78,7 @@ def test_smoothing_shrinks_the_outlier_channels(tiny_model):
 def test_int8_export_beats_plain_per_tensor_int8_on_outliers(tiny_model, tmp_path):
     """The failure the recipe exists for: plain quantize_dynamic loses the outlier model, the export does not."""
     from sftool.exporters.onnx_export import _export_onnx
-    from sftool.exporters.quantize import RECIPES, _quantize_one, ort_parity
+    from sftool.exporters.quantize import RECIPES, ort_parity, quantize_file
 
     part, model = _device_part(tiny_model("llama"))
     _plant_outliers(model)
@@ -97,7 +97,7 @@ def test_int8_export_beats_plain_per_tensor_int8_on_outliers(tiny_model, tmp_pat
     recipe = ort_parity(out / variant.file, (ids, mask), reference)
     plain_fp32, plain_int8 = tmp_path / "plain.onnx", tmp_path / "plain.int8.onnx"
     _export_onnx(part, plain_fp32, "dynamo", 18, (torch.from_numpy(ids), torch.from_numpy(mask)))
-    _quantize_one(plain_fp32, plain_int8, RECIPES["arm64"], "extended")
+    quantize_file(plain_fp32, plain_int8, RECIPES["arm64"], "extended")
     plain = ort_parity(plain_int8, (ids, mask), reference)
     # measured: 1 - cosine 9e-5 with the recipe, 1.5e-3 without
     assert recipe["mean_cosine"] > 0.9995 and (1 - plain["mean_cosine"]) > 5 * (1 - recipe["mean_cosine"]), (recipe, plain)

@@ -2,15 +2,16 @@
 
 A frozen device's forward pass cannot do less than its weight GEMMs: every real token goes through
 every projection of blocks 0..k-1 once (the exported graph skips padding). And onnxruntime's int8
-GEMM on this CPU runs no faster than its rate on a large matrix, quantized with the same recipe as
-the device part and measured here with the same threads. So
+GEMM on this CPU runs at most about as fast as on a large matrix, quantized with the same recipe as
+the device part and measured here with the same threads (the device's own GEMMs have come within a
+few percent of it, either side). So
 
     floor (ms per sample) = weight MACs per token x real tokens per sample / int8 GEMM peak
 
-bounds every int8 device part of these layers run by onnxruntime on this CPU from below, counting
-nothing for attention, norms, activations or the session. Set against the other paths' measured
-times, it says which targets no such device part can reach on this machine, whatever is done outside
-the GEMMs. A profile of the real int8 file shows how much of its time is GEMM, and how close that is
+bounds every int8 device part of these layers run by onnxruntime on this CPU from below (to those
+few percent), counting nothing for attention, norms, activations or the session. Set against the
+other paths' measured times, it says which targets no such device part can reach on this machine,
+whatever is done outside the GEMMs. A profile of the real int8 file shows how much of its time is GEMM, and how close that is
 to the peak.
 """
 
@@ -115,10 +116,10 @@ class Int8Floor:
 
 def _peak_probe(reduce_range: bool, threads: int | None, folder: Path):
     """A ``PROBE_SHAPE`` MatMul quantized and optimized exactly as the export quantizes a device part
-    (``quantize._quantize_one``), in an onnxruntime session with the device's settings, and its input."""
+    (``quantize.quantize_file``), in an onnxruntime session with the device's settings, and its input."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from sftool.exporters.quantize import Recipe, _quantize_one
+    from sftool.exporters.quantize import Recipe, quantize_file
     from sftool.runtime.onnx_model import SessionSettings, open_session
 
     tokens, k, n = PROBE_SHAPE
@@ -131,7 +132,7 @@ def _peak_probe(reduce_range: bool, threads: int | None, folder: Path):
     )
     source, quantized = folder / "gemm-probe.onnx", folder / "gemm-probe.int8.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
-    _quantize_one(source, quantized, Recipe(reduce_range, "probe"), "extended")
+    quantize_file(source, quantized, Recipe(reduce_range, "probe"), "extended")
     return open_session(quantized, SessionSettings(threads=threads)), rng.standard_normal((tokens, k)).astype(np.float32)
 
 
