@@ -17,6 +17,10 @@ messages: fp16 activations of length-bucketed batches (what the device sends) vs
 padded to the maximum length (classic split learning). Peak memory is the peak resident set size
 (Linux VmHWM) of a fresh subprocess per path that loads only what that path needs (the onnxruntime
 paths do not import torch) and runs every batch twice.
+
+Each repetition also measures the int8 floor (``bench_ceiling``): the device part's weight GEMMs at
+this CPU's int8 GEMM peak. Every target is reported as measured and with the floor in place of the
+int8 time, which says whether any int8 device part could meet it on this machine.
 """
 
 from __future__ import annotations
