@@ -41,7 +41,7 @@ def test_int8_floor_of_a_real_int8_file(int8_artifacts, tmp_path):
     model = artifacts / "device.int8.avx512_vnni.onnx"
     texts = list(CALIBRATION_TEXTS)
     batches = make_batches(artifacts, texts, [0] * len(texts), batch_size=4, max_len=64)
-    probe = Int8Floor(model, reduce_range=False, threads=1, profile_dir=tmp_path, batches=batches)
+    probe = Int8Floor(model, reduce_range=False, threads=1, work_dir=tmp_path, batches=batches)
     for _ in range(2):
         probe.repetition()
     tokens = sum(int(mask.sum()) for _, mask, _ in batches) / len(texts)

@@ -31,8 +31,8 @@ GEMM_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "Dynamic
 PROBE_SHAPE = (256, 1024, 1024)
 
 
-def weight_macs_per_token(model_path: Path) -> int:
-    """Multiply-accumulates per token of every GEMM with a constant 2-D weight in an ONNX file.
+def weight_gemms(model_path: Path) -> dict[str, int]:
+    """Node name -> multiply-accumulates per token, for every GEMM with a constant 2-D weight in an ONNX file.
 
     Activation x activation products (attention scores) have no constant weight and are not counted:
     at device sequence lengths they are a small fraction, and leaving them out keeps the floor a bound.
@@ -41,13 +41,18 @@ def weight_macs_per_token(model_path: Path) -> int:
 
     model = onnx.load(str(model_path), load_external_data=False)
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    total = 0
+    gemms = {}
     for node in model.graph.node:
         if node.op_type in GEMM_OPS and len(node.input) > 1:
             dims = weights.get(node.input[1], ())
             if len(dims) == 2:
-                total += int(dims[0]) * int(dims[1])
-    return total
+                gemms[node.name] = int(dims[0]) * int(dims[1])
+    return gemms
+
+
+def weight_macs_per_token(model_path: Path) -> int:
+    """Multiply-accumulates per token of all of the file's weight GEMMs (``weight_gemms``)."""
+    return sum(weight_gemms(model_path).values())
 
 
 class Int8Floor:
@@ -58,15 +63,16 @@ class Int8Floor:
     result: :meth:`result` keeps the best probe and the repetition with the least GEMM time.
     """
 
-    def __init__(self, model_path: Path, reduce_range: bool, threads: int | None, profile_dir: Path, batches: list) -> None:
+    def __init__(self, model_path: Path, reduce_range: bool, threads: int | None, work_dir: Path, batches: list) -> None:
         import onnxruntime as ort
         from sftool.runtime.onnx_model import SessionSettings
 
-        self.macs_per_token = weight_macs_per_token(model_path)
-        self._probe, self._probe_input = _peak_probe(reduce_range, threads, Path(profile_dir))
+        # The same nodes give the MACs and, by name in the profile, the GEMM time.
+        self._gemms = weight_gemms(model_path)
+        self._probe, self._probe_input = _peak_probe(reduce_range, threads, Path(work_dir))
         options = SessionSettings(threads=threads).session_options()
         options.enable_profiling = True
-        options.profile_file_prefix = str(Path(profile_dir) / "int8-profile")
+        options.profile_file_prefix = str(Path(work_dir) / "int8-profile")
         self._profiled = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self._batches = batches
         self._passes = 0
@@ -91,18 +97,18 @@ class Int8Floor:
         self._run_batches()
 
     def result(self, tokens_per_sample: float) -> dict:
-        """The floor and how the int8 file compares with it (see the module docstring)."""
-        if not self.peak_gmacs:
-            self.repetition()
+        """The floor and how the int8 file compares with it (see the module docstring); needs at least
+        one :meth:`repetition`."""
         events = json.loads(Path(self._profiled.end_profiling()).read_text())
         per_pass = _kernel_us_per_pass(events, len(self._batches), self._passes)[1:]  # drop the warm-up pass
         samples = sum(len(ids) for ids, _, _ in self._batches)
-        best = min(per_pass, key=lambda kernel_us: _gemm_us(kernel_us))
-        gemm_ms = _gemm_us(best) / 1000 / samples
+        best = min(per_pass, key=self._gemm_us)
+        gemm_ms = self._gemm_us(best) / 1000 / samples
         peak = max(self.peak_gmacs)
-        macs_per_sample = self.macs_per_token * tokens_per_sample
+        macs_per_token = sum(self._gemms.values())
+        macs_per_sample = macs_per_token * tokens_per_sample
         return {
-            "weight_macs_per_token": self.macs_per_token,
+            "weight_macs_per_token": macs_per_token,
             "macs_per_sample": macs_per_sample,
             "int8_gemm_peak_gmacs": peak,
             "int8_gemm_peak_gmacs_all": self.peak_gmacs,
@@ -112,6 +118,9 @@ class Int8Floor:
             "int8_kernels_ms_per_sample": sum(best.values()) / 1000 / samples,
             "int8_gemm_gmacs": macs_per_sample / gemm_ms / 1e6 if gemm_ms else float("nan"),
         }
+
+    def _gemm_us(self, kernel_us: collections.Counter) -> float:
+        return sum(us for node, us in kernel_us.items() if node in self._gemms)
 
 
 def _peak_probe(reduce_range: bool, threads: int | None, folder: Path):
@@ -137,15 +146,12 @@ def _peak_probe(reduce_range: bool, threads: int | None, folder: Path):
 
 
 def _kernel_us_per_pass(events: list[dict], runs_per_pass: int, passes: int) -> list[collections.Counter]:
-    """Kernel microseconds per op type for each pass, from an onnxruntime profile (one model_run per batch)."""
+    """Kernel microseconds per node name for each pass, from an onnxruntime profile (one model_run per batch)."""
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     bounds = [starts[i * runs_per_pass] for i in range(passes)] + [float("inf")]
     out = [collections.Counter() for _ in range(passes)]
+    suffix = "_kernel_time"
     for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            out[max(0, bisect.bisect_right(bounds, event["ts"]) - 1)][event["args"]["op_name"]] += event["dur"]
+        if event.get("cat") == "Node" and event.get("name", "").endswith(suffix):
+            out[max(0, bisect.bisect_right(bounds, event["ts"]) - 1)][event["name"][: -len(suffix)]] += event["dur"]
     return out
-
-
-def _gemm_us(kernel_us: collections.Counter) -> float:
-    return sum(us for op, us in kernel_us.items() if op in GEMM_OPS)
