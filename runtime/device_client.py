@@ -119,9 +119,9 @@ class DeviceClient:
         sock.connect(self.config.endpoint)
         self.sock = sock
 
-    def _close(self) -> None:
+    def _close(self, linger_ms: int = 0) -> None:
         if self.sock is not None:
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger_ms)
             self.sock = None
 
     def _send(self, frames: list[Any]) -> None:
@@ -281,19 +281,21 @@ class DeviceClient:
             self._on_welcome(header.fields)
 
     def close(self, send_bye: bool = True, wait_s: float = 2.0) -> None:
-        """Say BYE (with totals) and wait briefly for the server's confirmation."""
-        if self.sock is not None and send_bye and self.report.finished_by_server is None:
-            self._send(
-                encode(
-                    MsgType.BYE,
-                    self.config.device_id,
-                    batches=self.report.batches_acked,
-                    samples=self.report.samples_acked,
-                )
+        """Say BYE (with totals) and wait briefly for the server's confirmation; after the server's
+        own BYE, confirm it instead, and let the socket deliver that before it closes (the server
+        keeps its connection open until then)."""
+        if self.sock is None or not send_bye:
+            return self._close()
+        self._send(
+            encode(
+                MsgType.BYE, self.config.device_id, batches=self.report.batches_acked, samples=self.report.samples_acked
             )
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                header, _ = self._recv(0.2)
-                if header is not None and header.type == MsgType.BYE:
-                    break
+        )
+        if self.report.finished_by_server is not None:
+            return self._close(linger_ms=int(wait_s * 1000))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            header, _ = self._recv(0.2)
+            if header is not None and header.type == MsgType.BYE:
+                break
         self._close()

@@ -21,7 +21,8 @@ Message types and their header fields (besides ``v``, ``type``, ``device``):
                 schedule, until the batch is trained.
 - ``HEARTBEAT`` either way, no payload; the server answers a device's heartbeat.
 - ``BYE``       device -> server when done (``batches``, ``samples``); server -> device when
-                training is over (``reason``) or to confirm a device's BYE.
+                training is over (``reason``) or to confirm a device's BYE. A device confirms the
+                server's BYE with its own, and the server closes only after that (or a grace period).
 - ``ERROR``     server -> device: ``code``, ``reason``, optional ``seq``. The message that caused
                 it is dropped; the server keeps serving.
 """

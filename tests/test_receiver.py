@@ -4,11 +4,13 @@ other devices keep being served, duplicates are never queued twice, a full queue
 from __future__ import annotations
 
 import queue
+import time
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
+from sftool.runtime.device_client import ClientConfig, DeviceClient
 from sftool.runtime.manifest import load_manifest, manifest_sha256
 from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
 from sftool.server.receiver import AcceptedSplit, Receiver
@@ -20,7 +22,9 @@ def server(tiny_artifacts):
     manifest = load_manifest(folder)
     sha = manifest_sha256(folder)
     batches: queue.Queue = queue.Queue(maxsize=2)
-    receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, batches, window=4)
+    # These test devices never confirm the server's BYE: a short grace keeps teardown quick.
+    receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, batches, window=4,
+                        goodbye_grace_s=0.2)
     receiver.start()
     yield receiver, batches, manifest, sha
     receiver.request_stop("test over")
@@ -138,7 +142,7 @@ def test_credits_are_paced_by_announced_data_size(tiny_artifacts, pace):
     sha = manifest_sha256(folder)
     batches: queue.Queue = queue.Queue(maxsize=100)
     receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, batches,
-                        window=4, pace=pace)
+                        window=4, pace=pace, goodbye_grace_s=0.2)
     receiver.start()
     try:
         small, big = Device(receiver.endpoint, "small"), Device(receiver.endpoint, "big")
@@ -167,3 +171,43 @@ def test_credits_are_paced_by_announced_data_size(tiny_artifacts, pace):
     finally:
         receiver.request_stop("test over")
         receiver.join_stopped(5)
+
+
+def test_server_closes_only_after_devices_confirm_its_bye(tiny_artifacts):
+    """Closing right after BYE can cut a device mid-batch (libzmq then aborts it): the server waits for
+    the device's confirming BYE, dropping what still arrives, and closes as soon as it comes."""
+    folder = tiny_artifacts("gpt2")
+    manifest = load_manifest(folder)
+    sha = manifest_sha256(folder)
+    batches: queue.Queue = queue.Queue(maxsize=4)
+    receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, batches,
+                        goodbye_grace_s=30.0)
+    receiver.start()
+    device = Device(receiver.endpoint, "d")
+    device.hello(sha, manifest.split)
+    receiver.request_stop("budget reached")
+    bye = device.recv()
+    assert bye.type == MsgType.BYE and bye.fields["reason"] == "budget reached"
+    device.send(device.batch(0, manifest.hidden_size))  # was in flight: dropped, never acknowledged
+    assert not receiver.join_stopped(0.5), "the server closed before the device confirmed"
+    assert batches.empty() and not device.sock.poll(100)
+    device.send(encode(MsgType.BYE, "d", batches=0, samples=0))
+    assert receiver.join_stopped(5), "the confirmation did not end the grace period"
+
+
+def test_device_client_confirms_the_servers_bye(tiny_artifacts):
+    folder = tiny_artifacts("gpt2")
+    manifest = load_manifest(folder)
+    sha = manifest_sha256(folder)
+    receiver = Receiver("tcp://127.0.0.1:0", {sha: AcceptedSplit(sha, manifest, manifest.batch_schema(2))}, queue.Queue(),
+                        goodbye_grace_s=30.0)
+    receiver.start()
+    client = DeviceClient(ClientConfig(receiver.endpoint, "c", sha, manifest.split, "fp32/any", wire_dtype="fp16"))
+    client.connect()
+    receiver.request_stop("budget reached")
+    deadline = time.monotonic() + 5
+    while client.report.finished_by_server is None and time.monotonic() < deadline:
+        client._drain(0.2, None)
+    assert client.report.finished_by_server == "budget reached"
+    client.close()
+    assert receiver.join_stopped(5), "the server is still waiting: the client did not confirm its BYE"

@@ -35,6 +35,11 @@ from sftool.runtime.protocol import (
 #: before its credits are held back.
 PACE_SLACK = 0.05
 
+#: After its BYE to devices, how long the server keeps its socket open for their confirming BYE.
+#: Closing at once can drop a connection while a device is still writing a batch, and libzmq then
+#: aborts the device process (errno_assert in session_base clean_pipes; zeromq/libzmq#3442).
+GOODBYE_GRACE_S = 2.0
+
 log = logging.getLogger("sftool.server")
 SERVER_ID = "server"
 
@@ -105,8 +110,10 @@ class Receiver(threading.Thread):
         pace: bool = True,
         context: zmq.Context | None = None,
         curve: dict[str, Any] | None = None,
+        goodbye_grace_s: float = GOODBYE_GRACE_S,
     ):
         super().__init__(name="sftool-receiver", daemon=True)
+        self.goodbye_grace_s = goodbye_grace_s
         self.accepted = accepted
         self.queue = batches
         self.window = 1 if ack_after_training else window
@@ -191,13 +198,14 @@ class Receiver(threading.Thread):
                 self._send_trained_acks()
                 self._release_held()
                 self._check_timeouts()
-            self._say_goodbye(self._stop_reason)
+            self._await_goodbyes(self._say_goodbye(self._stop_reason))
         finally:
             self.sock.close(linger=500)
             self._stopped.set()
 
-    def join_stopped(self, timeout: float | None = None) -> None:
-        self._stopped.wait(timeout)
+    def join_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has closed its socket; False if ``timeout`` passed first."""
+        return self._stopped.wait(timeout)
 
     # -- message handling -------------------------------------------------------------------
     def _send(self, routing_id: bytes, msg_type: MsgType, **fields: Any) -> None:
@@ -397,7 +405,24 @@ class Receiver(threading.Thread):
                     session.timed_out = True
                     log.warning("device %s silent for %.0fs: counted as gone", session.device, self.device_timeout_s)
 
-    def _say_goodbye(self, reason: str) -> None:
-        for session in self.sessions.values():
-            if not session.finished:
-                self._send(session.routing_id, MsgType.BYE, reason=reason)
+    def _say_goodbye(self, reason: str) -> set[bytes]:
+        """BYE with ``reason`` to every device still streaming; returns their routing ids."""
+        told = {session.routing_id for session in self.sessions.values() if not session.finished}
+        for routing_id in told:
+            self._send(routing_id, MsgType.BYE, reason=reason)
+        return told
+
+    def _await_goodbyes(self, told: set[bytes]) -> None:
+        """Keep the socket open until every device in ``told`` has confirmed with its BYE (or
+        ``goodbye_grace_s`` passed), so devices close their connections first. Anything else that
+        arrives now is dropped: the run is over."""
+        deadline = time.monotonic() + self.goodbye_grace_s
+        while told and time.monotonic() < deadline:
+            if not self.sock.poll(50):
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                if len(frames) >= 2 and decode_header(frames[1].buffer).type == MsgType.BYE:
+                    told.discard(frames[0].bytes)
+            except ProtocolError:
+                continue
