@@ -41,7 +41,7 @@ def merge_run(run_dir: Path, out: Path, log: Callable[[str], None] = print) -> P
     """Merge a run's adapter (LoRA + head) into its base model; write a Hugging Face folder."""
     from peft import PeftModel
     from sftool.exporters.model_source import load_model, load_tokenizer
-    from sftool.server.serve import read_run_record
+    from sftool.run_folder import read_run_record
 
     record = read_run_record(run_dir)
     adapter = Path(run_dir) / "adapter"

@@ -10,11 +10,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
 from sftool.runtime.manifest import Manifest
 from sftool.runtime.onnx_model import DeviceModel, choose_variant
 from sftool.server.split_model import SplitServerModel
+from sftool.training.task import Score
 
 
 @dataclass
@@ -66,12 +66,10 @@ class Evaluator:
         started = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        correct, loss_sum = 0, 0.0
+        score = Score()
+        task = self.model.task
         for idx, (hidden, mask) in zip(self.batches, self._device_outputs()):
-            labels = torch.tensor([self.examples[i].label for i in idx])
-            logits = self.model(hidden, mask)
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
+            labels = task.labels_tensor([self.examples[i].label for i in idx])
+            score.add(task.score(self.model(hidden, mask), labels))
         self.model.train(was_training)
-        n = len(self.examples)
-        return EvalResult(correct / max(n, 1), loss_sum / max(n, 1), n, time.perf_counter() - started)
+        return EvalResult(score.accuracy, score.loss, score.count, time.perf_counter() - started)

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from sftool.training.ledger import SampleKey
 
 POLICIES = ("mix", "fifo")
 
@@ -33,16 +34,22 @@ class TrainBatch:
     labels: torch.Tensor  # [B]
     samples: list[Sample]
 
+    @property
+    def keys(self) -> list[SampleKey]:
+        """What the ledger records for this batch."""
+        return [SampleKey(s.device, s.epoch, s.sample_id, s.seq) for s in self.samples]
+
 
 def collate(samples: list[Sample]) -> TrainBatch:
     """Right-pad samples to the longest one (padding is masked; causal blocks ignore it)."""
     longest = max(s.hidden.shape[0] for s in samples)
-    hidden = torch.zeros(len(samples), longest, samples[0].hidden.shape[1], dtype=samples[0].hidden.dtype)
-    mask = torch.zeros(len(samples), longest, dtype=torch.long)
+    first = samples[0].hidden
+    hidden = torch.zeros(len(samples), longest, first.shape[1], dtype=first.dtype, device=first.device)
+    mask = torch.zeros(len(samples), longest, dtype=torch.long, device=first.device)
     for i, s in enumerate(samples):
         hidden[i, : s.hidden.shape[0]] = s.hidden
         mask[i, : s.mask.shape[0]] = s.mask
-    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long, device=first.device)
     return TrainBatch(hidden, mask, labels, samples)
 
 

@@ -6,7 +6,6 @@ mixing buffer (catching up devices with an earlier split), draw mixed batches, t
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -14,12 +13,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from sftool.errors import SftoolError
-from sftool.runtime.device_client import ranges_to_set, set_to_ranges
-from sftool.runtime.files import atomic_write_text
+from sftool.run_folder import read_run_record, write_run_record, write_summary
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.server.activation_cache import ActivationCache
@@ -32,10 +30,16 @@ from sftool.server.checkpoint import (
     save_checkpoint,
 )
 from sftool.server.evaluate import Evaluator
-from sftool.server.mixing import POLICIES, MixingBuffer, Sample
+from sftool.server.mixing import POLICIES, MixingBuffer
 from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
 from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
 from sftool.server.trainer import OptimSettings, Trainer
+from sftool.training.ledger import Ledger
+from sftool.training.loop import Budget, TrainingLoop
+from sftool.training.methods.splitfrozen import SplitFrozen
+from sftool.training.run_logger import RunLogger
+from sftool.training.sources import MixedActivations, ReceiverInbox
+from sftool.training.task import ClassificationTask
 
 log = logging.getLogger("sftool.server")
 SCHEDULES = ("pipelined", "sequential")
@@ -125,11 +129,16 @@ def _check_model_matches(model: SplitServerModel, manifests: list[tuple[Path, Ma
             )
 
 
+def task_of(opts: ServeOptions) -> ClassificationTask:
+    """The task a run trains (classification: the number of labels and their names)."""
+    return ClassificationTask(opts.num_labels, tuple(opts.label_names) if opts.label_names else None)
+
+
 def _build_model(opts: ServeOptions, log_line: Callable[[str], None]) -> tuple[SplitServerModel, list[tuple[Path, Manifest]]]:
     manifests = [(Path(f), load_manifest(f, verify_files=False)) for f in opts.artifacts]
     log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
     model = SplitServerModel(
-        SplitModelSpec(opts.source, opts.num_labels, [m.split for _, m in manifests], manifests[0][1].pad_token_id, opts.lora)
+        SplitModelSpec(opts.source, task_of(opts), [m.split for _, m in manifests], manifests[0][1].pad_token_id, opts.lora)
     )
     _check_model_matches(model, manifests)
     return model, manifests
@@ -158,12 +167,10 @@ def evaluate_run(
     return {**outcome, "precision": evaluator.device.variant.label, "eval_data": str(opts.eval_data)}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
 class StreamTrainer:
-    """Drives one training run from a receiver: ingest, mix, step, acknowledge, checkpoint, stop."""
+    """One ``sftool serve`` run assembled from the core's parts: the receiver's inbox feeding the
+    mixing buffer (``MixedActivations``), the ledger, the run logger, the SplitFrozen method, and
+    the one training loop; plus the checkpoint and evaluation it schedules."""
 
     def __init__(
         self,
@@ -183,71 +190,23 @@ class StreamTrainer:
         # Sequential split learning trains each batch as it comes; waiting to fill a mixing buffer
         # there would deadlock (devices wait for the ACK that training gives).
         self.buffer = MixingBuffer(opts.batch_size, opts.mix_capacity, "fifo" if sequential else opts.mixing, opts.seed)
-        self.sequential = sequential
         self.progress_state = TrainingProgress()
-        self.train_s = 0.0
-        self.idle_s = 0.0
-        self.started = time.perf_counter()
-        self.stop_requested: str | None = None
-        self._trained: dict[str, dict[int, set[int]]] = {}  # device -> epoch -> sample ids trained
-        self._done: dict[str, set[int]] = {}  # device -> seqs whose every sample is trained
-        self._remaining: dict[tuple[str, int], int] = {}  # (device, seq) -> samples not yet trained
-        self._lock = threading.Lock()
-        self._metrics = open(Path(opts.out) / "metrics.jsonl", "a", buffering=1)
-        self._tensorboard = _tensorboard_writer(Path(opts.out) / "tensorboard")
+        self.ledger = Ledger(on_settled=receiver.mark_trained if sequential else None)
         self.cache: ActivationCache | None = None
-        self._replay_epochs: dict[str, list[int]] = {}  # device -> epochs to replay from the cache
-        self._replay: Iterator[tuple[str, int]] | None = None
-        self._replay_epoch = -1
-        self.samples_replayed = 0
         if opts.cache_activations:
             self.cache = ActivationCache(Path(opts.out) / "activation_cache", model.hidden_size, int(opts.cache_max_gb * 2**30))
-            receiver.plan_skip_epochs = self.plan_skip_epochs
-
-    # -- activation cache -----------------------------------------------------------------------
-    def plan_skip_epochs(self, device: str, epochs: int, samples_per_epoch: int, max_len: int) -> list[int]:
-        """Called by the receiver at a device's first HELLO: which epochs it need not send."""
-        if self.cache is None or epochs < 2 or samples_per_epoch <= 0:
-            return []
-        if not self.cache.reserve(samples_per_epoch, max_len):
-            return []  # over the cache budget: this device sends every epoch
-        skip = list(range(1, epochs))
-        with self._lock:
-            self._replay_epochs[device] = skip
-        return skip
-
-    def _next_replay_sample(self) -> Sample | None:
-        """The next cached sample to train (epochs replayed in order, shuffled across devices)."""
-        while True:
-            if self._replay is not None:
-                for device, sample_id in self._replay:
-                    if sample_id in self._trained.get(device, {}).get(self._replay_epoch, set()):
-                        continue  # trained before a restart
-                    hidden, label = self.cache.get(device, sample_id)
-                    n = hidden.shape[0]
-                    self.samples_replayed += 1
-                    return Sample(torch.from_numpy(hidden.astype("float32")), torch.ones(n, dtype=torch.long), label, device, sample_id, self._replay_epoch, -1)
-                self._replay = None
-            with self._lock:
-                later = sorted({e for epochs in self._replay_epochs.values() for e in epochs if e > self._replay_epoch})
-            if not later:
-                return None
-            self._replay_epoch = later[0]
-            devices = [d for d, epochs in self._replay_epochs.items() if self._replay_epoch in epochs]
-            self._replay = self.cache.replay_order(devices, self.buffer.rng)
-
-    def _replay_pending(self) -> bool:
-        if self.cache is None:
-            return False
-        with self._lock:
-            later = any(e > self._replay_epoch for epochs in self._replay_epochs.values() for e in epochs)
-        return later or self._replay is not None
-
-    # -- progress shared with the receiver (which runs in another thread) ---------------------
-    def done_seqs(self, device: str) -> list[list[int]]:
-        """Seqs of ``device`` already trained, as ranges: what a device need not send again."""
-        with self._lock:
-            return set_to_ranges(self._done.get(device, set()))
+        inbox = ReceiverInbox(receiver, batches, lambda: opts.devices - len(self.progress_state.finished_devices))
+        self.source = MixedActivations(inbox, model, self.buffer, self.ledger, self.cache, sequential)
+        if self.cache is not None:
+            receiver.plan_skip_epochs = self.source.plan_skip_epochs
+        self.logger = RunLogger(Path(opts.out), log_samples=opts.log_samples)
+        self._log_line: Callable[[str], None] | None = None
+        self.loop = TrainingLoop(
+            SplitFrozen(model, self.trainer), self.source, self.ledger, self.logger, self.progress_state,
+            Budget(opts.max_steps, opts.max_samples), opts.eval_every, opts.checkpoint_every,
+            evaluate=lambda: self.evaluate(self._log_line), checkpoint=self.checkpoint,
+            extra_metrics=lambda: {"queue_depth": float(self.source.depth())},
+        )
 
     @property
     def samples_trained(self) -> int:
@@ -257,80 +216,43 @@ class StreamTrainer:
     def evals(self) -> list[dict]:
         return self.progress_state.evals
 
+    @property
+    def samples_replayed(self) -> int:
+        return self.source.samples_replayed
+
+    @property
+    def stop_requested(self) -> str | None:
+        return self.loop.stop_requested
+
+    @stop_requested.setter
+    def stop_requested(self, reason: str | None) -> None:
+        self.loop.stop_requested = reason
+
+    def done_seqs(self, device: str) -> list[list[int]]:
+        """Seqs of ``device`` already trained, as ranges: what a device need not send again."""
+        return self.ledger.done_seqs(device)
+
     def resume(self, folder: Path, log_line: Callable[[str], None]) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, and what each device has had trained."""
         state = load_checkpoint(folder, self.model, self.trainer, self.buffer.rng)
-        self.progress_state = state
-        self._trained = {d: {int(e): set(ids) for e, ids in epochs.items()} for d, epochs in state.trained.items()}
-        self._done = {d: ranges_to_set(r) for d, r in state.done_seqs.items()}
+        self.progress_state.__dict__.update(vars(state))
+        self.ledger.load(state.trained, state.done_seqs)
         if self.cache is not None:
             self.cache.load_index()
-        self._metrics.close()
-        _truncate_metrics(Path(self.opts.out) / "metrics.jsonl", state.step)
-        self._metrics = open(Path(self.opts.out) / "metrics.jsonl", "a", buffering=1)
-        if self._tensorboard is not None:  # hide the undone steps in TensorBoard too
-            self._tensorboard.close()
-            self._tensorboard = _tensorboard_writer(Path(self.opts.out) / "tensorboard", purge_step=state.step + 1)
+        self.logger.rewind(state.step)
         log_line(f"resumed from {folder.name}: step {state.step}, {state.samples_trained} samples trained")
 
     def checkpoint(self) -> Path:
         p = self.progress_state
         p.step = self.trainer.step_count
-        with self._lock:
-            p.trained = {d: {str(e): sorted(ids) for e, ids in epochs.items()} for d, epochs in self._trained.items()}
-            p.done_seqs = {d: set_to_ranges(seqs) for d, seqs in self._done.items()}
+        p.trained, p.done_seqs = self.ledger.state()
         p.finished_devices = sorted(
-            set(p.finished_devices) | {name for name, s in self.receiver.snapshot().items() if s.said_bye and not self._pending_from(name)}
+            set(p.finished_devices)
+            | {name for name, s in self.receiver.snapshot().items() if s.said_bye and not self.ledger.pending_from(name)}
         )
         if self.cache is not None:
             self.cache.save_index()
         return save_checkpoint(Path(self.opts.out), self.model, self.trainer, self.buffer.rng, p)
-
-    def _pending_from(self, device: str) -> bool:
-        return any(d == device for d, _ in self._remaining)
-
-    # -- the stream ---------------------------------------------------------------------------
-    def ingest(self, item: ReceivedBatch) -> None:
-        b = item.batch
-        already = self._trained.get(b.device, {}).get(b.epoch, set())
-        keep = [i for i in range(b.size) if int(b.sample_ids[i]) not in already]
-        self._remaining[(b.device, b.seq)] = len(keep)
-        if not keep:  # everything in it was trained before a restart
-            self._settle_seq(b.device, b.seq)
-            return
-        hidden = torch.from_numpy(b.hidden[keep].astype("float32"))  # fp16 on the wire, fp32 to train
-        mask = torch.from_numpy(b.attention_mask[keep].astype("int64"))
-        hidden = self.model.catch_up(hidden, mask, item.split)
-        lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1)  # up to the last real token
-        if self.cache is not None and b.device in self._replay_epochs:
-            for j, (i, n) in enumerate(zip(keep, lengths.tolist())):
-                self.cache.put(b.device, int(b.sample_ids[i]), int(b.labels[i]), hidden[j, :n].numpy())
-        self.buffer.add(
-            [
-                Sample(hidden[j, :n].clone(), mask[j, :n].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
-                for j, (i, n) in enumerate(zip(keep, lengths.tolist()))
-            ]
-        )
-
-    def _settle(self, samples: list[Sample]) -> None:
-        """Record trained samples; a device batch is done once all its samples are trained."""
-        with self._lock:
-            for s in samples:
-                self._trained.setdefault(s.device, {}).setdefault(s.epoch, set()).add(s.sample_id)
-        for s in samples:
-            if s.seq < 0:
-                continue  # replayed from the activation cache: no device batch to settle
-            key = (s.device, s.seq)
-            self._remaining[key] -= 1
-            if self._remaining[key] == 0:
-                self._settle_seq(*key)
-
-    def _settle_seq(self, device: str, seq: int) -> None:
-        del self._remaining[(device, seq)]
-        with self._lock:
-            self._done.setdefault(device, set()).add(seq)
-        if self.sequential:
-            self.receiver.mark_trained(device, seq)
 
     def evaluate(self, log_line: Callable[[str], None] | None = None) -> dict | None:
         """Evaluate now (if there is held-out data); the result is logged with the step it was taken at."""
@@ -338,54 +260,27 @@ class StreamTrainer:
             return None
         result = {"step": self.trainer.step_count, "samples": self.samples_trained, **self.evaluator.evaluate().as_dict()}
         self.evals.append(result)
-        self._metrics.write(json.dumps({"time": time.time(), "eval": result}) + "\n")
-        if self._tensorboard is not None:
-            self._tensorboard.add_scalar("eval/accuracy", result["accuracy"], result["step"])
-            self._tensorboard.add_scalar("eval/loss", result["loss"], result["step"])
+        self.logger.evaluation(result)
         if log_line:
-            log_line(f"eval at step {result['step']}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} ({result['n']} examples, {result['seconds']:.1f}s)")
+            log_line(f"eval at step {result['step']}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+                     f"({result['n']} examples, {result['seconds']:.1f}s)")
         return result
-
-    def budget_reached(self) -> bool:
-        o = self.opts
-        return (o.max_steps is not None and self.trainer.step_count >= o.max_steps) or (
-            o.max_samples is not None and self.samples_trained >= o.max_samples
-        )
 
     def progress(self) -> Progress:
         sessions = self.receiver.snapshot()
-        elapsed = max(1e-9, time.perf_counter() - self.started)
+        elapsed = max(1e-9, time.perf_counter() - self.loop.stats.started)
         return Progress(
             samples=self.samples_trained,
             steps=self.trainer.step_count,
             loss=self.trainer.recent_loss,
             accuracy=self.trainer.recent_accuracy,
             samples_per_s=self.samples_trained / elapsed,
-            queue_depth=self.queue.qsize() + self.receiver.pending,
+            queue_depth=self.source.depth(),
             buffered=len(self.buffer),
             devices_connected=sum(1 for s in sessions.values() if not s.finished),
             devices_finished=sum(1 for s in sessions.values() if s.finished),
-            trainer_idle=self.idle_s / elapsed,
+            trainer_idle=self.source.idle_s / elapsed,
         )
-
-    def _all_finished(self) -> bool:
-        expected = self.opts.devices - len(self.progress_state.finished_devices)
-        return self.receiver.all_finished(expected) and self.queue.empty()
-
-    def _fill_buffer(self) -> None:
-        """Move received batches into the mixing buffer; once every device is done, cached replays."""
-        while self.buffer.has_room:
-            try:
-                self.ingest(self.queue.get_nowait())
-                continue
-            except queue.Empty:
-                pass
-            if self.cache is None or not self._all_finished():
-                return
-            sample = self._next_replay_sample()
-            if sample is None:
-                return
-            self.buffer.add([sample])
 
     def run(
         self,
@@ -394,79 +289,22 @@ class StreamTrainer:
         log_line: Callable[[str], None] | None = None,
     ) -> str:
         """Train until the budget is reached, every expected device is done, or a stop is requested."""
-        last_report = time.perf_counter()
-        while self.stop_requested is None:
-            self._fill_buffer()
-            ended = self._all_finished() and not self._replay_pending()
-            if self.buffer.ready(ended or self.sequential):
-                self._train_one(log_line)
-                if self.budget_reached():
-                    return "budget reached"
-            elif ended and not len(self.buffer):
-                return "all devices finished"
-            else:
-                t0 = time.perf_counter()
-                try:
-                    self.ingest(self.queue.get(timeout=0.05))
-                except queue.Empty:
-                    pass
-                self.idle_s += time.perf_counter() - t0
-                if not self.receiver.is_alive():
-                    return "receiver stopped"
-            if on_progress and time.perf_counter() - last_report >= progress_every_s:
-                on_progress(self.progress())
-                last_report = time.perf_counter()
-        return self.stop_requested
+        self._log_line = log_line
+        report = (lambda: on_progress(self.progress())) if on_progress else None
+        return self.loop.run(report, progress_every_s)
 
-    def _train_one(self, log_line: Callable[[str], None] | None) -> None:
-        batch = self.buffer.draw()
-        result = self.trainer.step(batch)
-        self.progress_state.samples_trained += result.size
-        self.train_s += result.seconds
-        self._settle(batch.samples)
-        record = {"time": time.time(), **asdict(result)}
-        if self.opts.log_samples:
-            record["samples"] = [[s.device, s.epoch, s.sample_id] for s in batch.samples]
-        self._metrics.write(json.dumps(record) + "\n")
-        if self._tensorboard is not None:
-            self._tensorboard.add_scalar("train/loss", result.loss, result.step)
-            self._tensorboard.add_scalar("train/accuracy", result.correct / result.size, result.step)
-            self._tensorboard.add_scalar("train/samples", self.samples_trained, result.step)
-            self._tensorboard.add_scalar("train/queue_depth", self.queue.qsize() + self.receiver.pending, result.step)
-        if self.opts.eval_every and result.step % self.opts.eval_every == 0:
-            self.evaluate(log_line)
-        if self.opts.checkpoint_every and result.step % self.opts.checkpoint_every == 0:
-            self.checkpoint()
+    @property
+    def train_s(self) -> float:
+        return self.loop.stats.train_s
+
+    @property
+    def idle_s(self) -> float:
+        return self.source.idle_s
 
     def close(self) -> None:
-        self._metrics.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        self.logger.close()
         if self.cache is not None:
             self.cache.close()
-
-
-def _tensorboard_writer(folder: Path, purge_step: int | None = None):
-    """TensorBoard event files beside metrics.jsonl (None if tensorboardX is not installed)."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(folder), purge_step=purge_step, flush_secs=10)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines newer than the checkpoint: those steps are undone by resuming."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        at = record.get("step", record.get("eval", {}).get("step", 0))
-        if at <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def serve(
@@ -510,7 +348,7 @@ def serve(
         stream.resume(latest_checkpoint(out), log_line)
         eval_before = stream.evals[0] if stream.evals else None
     else:
-        _write_json(out / "run.json", _run_record(opts, accepted))
+        write_run_record(out, _run_record(opts, accepted))
         eval_before = stream.evaluate(log_line)
     receiver.start()
     log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
@@ -536,7 +374,7 @@ def serve(
         summary["eval_before"] = eval_before
         summary["eval_after"] = stream.evals[-1] if len(stream.evals) > (eval_before is not None) else None
         summary["evals"] = stream.evals
-        _write_json(out / "summary.json", summary)
+        write_summary(out, summary)
     return summary
 
 
@@ -551,14 +389,6 @@ def _stop_on_sigterm(stream: StreamTrainer) -> Callable[[], None]:
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def read_run_record(run_dir: Path) -> dict:
-    """A run folder's run.json: source, artifacts, labels and the options it was started with."""
-    try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise SftoolError(f"{run_dir} is not an sftool run folder (no readable run.json)") from None
 
 
 def load_run_options(run_dir: Path) -> ServeOptions:

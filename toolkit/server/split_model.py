@@ -1,8 +1,11 @@
-"""The server's half of the model: blocks k..L-1 with LoRA, the final norm and a classification head.
+"""The model every method trains: a transformers model in peft, run block by block from any cut.
 
-It wraps a regular transformers ``*ForSequenceClassification`` model in peft, so the adapter it
-saves loads with plain ``peft.PeftModel.from_pretrained`` on the unsplit model. It never calls
-the model's own forward: received activations enter at block k through the family adapter.
+SplitFrozen trains blocks k..L-1 with LoRA, the final norm and the task's head; activations enter
+at block k through the family adapter (the model's own forward is never called). SplitLoRA,
+FedLoRA and centralized LoRA use the same class with LoRA on other blocks (``lora_layers``) and
+run the device blocks too (``device_forward``). The head comes from the task (a
+``*ForSequenceClassification`` head for classification), so the adapter it saves loads with plain
+``peft.PeftModel.from_pretrained`` on the unsplit model.
 
 Decomposed backward: activations arrive as leaf tensors without ``requires_grad`` and every
 pretrained weight is frozen, so autograd records only what the LoRA factors and the head need;
@@ -19,7 +22,10 @@ from sftool.errors import SftoolError
 from sftool.exporters.families import adapter_for
 from sftool.exporters.model_source import load_model
 from sftool.exporters.partition import BlockRunner, DevicePart, check_split, weights_fingerprint
+from sftool.training.task import ClassificationTask, Task, last_token_index
 from torch import nn
+
+__all__ = ["LoraSettings", "SplitModelSpec", "SplitServerModel", "last_token_index"]
 
 
 @dataclass
@@ -48,27 +54,30 @@ class LoraSettings:
 @dataclass
 class SplitModelSpec:
     source: str
-    num_labels: int
-    #: Every split the server accepts; LoRA goes on blocks max(splits)..L-1.
+    #: The task (its head, loss and labels); an int is read as a classification task of that many labels.
+    task: Task | int
+    #: Every split the server accepts; by default LoRA goes on blocks max(splits)..L-1.
     splits: Sequence[int]
     pad_token_id: int | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
+    #: Blocks that get LoRA; None: the server's blocks max(splits)..L-1 (SplitFrozen).
+    lora_layers: Sequence[int] | None = None
 
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token (what a causal LM's classification head pools)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(-1)
+    @property
+    def resolved_task(self) -> Task:
+        return ClassificationTask(self.task) if isinstance(self.task, int) else self.task
 
 
 class SplitServerModel(nn.Module):
-    """Blocks k_max..L-1 (+LoRA) -> norm -> pooled head, plus frozen catch-up blocks for smaller splits."""
+    """Blocks k_max..L-1 (+LoRA) -> norm -> the task's head, plus frozen catch-up blocks for smaller
+    splits; with ``lora_layers`` covering device blocks, also the trainable device side."""
 
     def __init__(self, spec: SplitModelSpec):
         super().__init__()
-        from peft import TaskType, get_peft_model
+        from peft import get_peft_model
 
-        base = load_model(spec.source, head="seq_cls", num_labels=spec.num_labels, pad_token_id=spec.pad_token_id)
+        self.task = spec.resolved_task
+        base = load_model(spec.source, pad_token_id=spec.pad_token_id, **self.task.model_kwargs())
         self.adapter = adapter_for(base.config.model_type)
         backbone = self.adapter.backbone(base)
         self.num_layers = self.adapter.num_layers(base.config)
@@ -80,7 +89,9 @@ class SplitServerModel(nn.Module):
         # Fingerprints of the device layers as this server has them, before peft touches anything.
         self.fingerprints = {k: weights_fingerprint(DevicePart(self.adapter, backbone, k)) for k in self.splits}
 
-        config = spec.lora.peft_config(self.adapter, range(self.train_from, self.num_layers), TaskType.SEQ_CLS)
+        layers = range(self.train_from, self.num_layers) if spec.lora_layers is None else spec.lora_layers
+        self.lora_layers = sorted(set(layers))
+        config = spec.lora.peft_config(self.adapter, self.lora_layers, self.task.peft_task_type())
         try:
             self.peft_model = get_peft_model(base, config)
         except ValueError as exc:
@@ -88,15 +99,16 @@ class SplitServerModel(nn.Module):
         hf_model = self.peft_model.base_model.model
         self.runner = BlockRunner(self.adapter, self.adapter.backbone(hf_model))
         # peft wraps the head in ModulesToSaveWrapper (trainable copy, saved with the adapter).
-        self.head = hf_model.score
+        self.head = self.task.head_module(hf_model)
         self.config = base.config
 
     def train(self, mode: bool = True) -> SplitServerModel:
-        """Blocks before k_max belong to the device side: they run as the device runs them (eval
-        mode, no dropout) even while the server blocks train."""
+        """Frozen blocks before k_max belong to the device side: they run as the device runs them
+        (eval mode, no dropout) even while the server blocks train."""
         super().train(mode)
-        for block in list(self.runner.blocks)[: self.train_from]:
-            block.eval()
+        for i, block in enumerate(list(self.runner.blocks)[: self.train_from]):
+            if i not in self.lora_layers:
+                block.eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -111,11 +123,23 @@ class SplitServerModel(nn.Module):
             raise SftoolError(f"split {split} is not accepted by this server")
         return self.runner(hidden, attention_mask, split, self.train_from, norm=False)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, num_labels] from activations at block k_max."""
-        out = self.runner(hidden, attention_mask, self.train_from)
-        pooled = out[torch.arange(out.shape[0], device=out.device), last_token_index(attention_mask)]
-        return self.head(pooled)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """The task's logits from activations at block ``start`` (default k_max)."""
+        out = self.runner(hidden, attention_mask, self.train_from if start is None else start)
+        return self.task.logits(out, attention_mask, self.head)
+
+    def device_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
+        """Embeddings + blocks 0..split-1 as this model has them (with their LoRA, if any): the
+        trainable device side of SplitLoRA and FedLoRA; gradients flow when LoRA is on them."""
+        from sftool.exporters.families.base import position_ids_from_mask
+
+        position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.adapter.embed(self.runner.embeddings, input_ids, position_ids)
+        return self.runner(hidden, attention_mask, 0, split, norm=False)
+
+    def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The unsplit model: tokens to the task's logits."""
+        return self.forward(self.device_forward(input_ids, attention_mask, 0), attention_mask, 0)
 
     def save_adapter(self, folder) -> None:
         """peft format: LoRA weights plus the head (``modules_to_save``), loadable on the unsplit model."""

@@ -1,19 +1,22 @@
-"""One optimisation step on a batch of activations; the only training step in sftool.
+"""The optimisation step: AdamW with warm-up and clipping, and the step on a batch of activations.
 
-The streaming server, the experiments and the baselines all call ``Trainer.step``; nothing here
-knows where batches come from, and nothing assumes a single process (a distributed wrapper
-only has to average the trainable parameters' gradients before ``optimizer.step``).
+Every method builds on these two parts: :class:`Optimizer` (what an update is, over any set of
+trainable parameters: the server's LoRA + head, or a device's LoRA) and :class:`Trainer` (one step
+on activations: forward from the cut, the task's loss, backward, update). Nothing here knows where
+batches come from, and nothing assumes a single process (a distributed wrapper only has to
+average the trainable parameters' gradients in ``before_update``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from sftool.server.mixing import TrainBatch
+from sftool.training.task import ClassificationTask, Task
 
 
 @dataclass
@@ -31,32 +34,27 @@ class StepResult:
     correct: int
     size: int
     seconds: float
+    #: Seconds of this step spent in device-side computation (0 where devices are not simulated here).
+    device_s: float = 0.0
+    #: Bytes that travelled device -> server and server -> device for this step.
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
-class Trainer:
-    """AdamW over the trainable (LoRA + head) parameters, linear warm-up, gradient clipping."""
+class Optimizer:
+    """AdamW over ``params`` with linear warm-up and gradient-norm clipping."""
 
-    def __init__(self, model: torch.nn.Module, settings: OptimSettings, params: list[torch.nn.Parameter] | None = None):
-        self.model = model
-        self.settings = settings
-        self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+    def __init__(self, params: list[torch.nn.Parameter], settings: OptimSettings):
+        if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.params = params
+        self.settings = settings
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         warmup = max(1, settings.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        self.step_count = 0
-        self._recent: deque[tuple[float, int, int]] = deque(maxlen=50)
 
-    def step(self, batch: TrainBatch, before_update: Callable[[], None] | None = None) -> StepResult:
-        """Forward, loss, backward (LoRA + head only), optimizer step."""
-        import time
-
-        started = time.perf_counter()
-        self.model.train()
-        logits = self.model(batch.hidden, batch.attention_mask)
-        loss = F.cross_entropy(logits, batch.labels)
-        loss.backward()
+    def update(self, before_update: Callable[[], None] | None = None) -> None:
+        """Apply the accumulated gradients, advance the schedule, clear the gradients."""
         if before_update is not None:
             before_update()  # e.g. all-reduce of gradients across server ranks
         if self.settings.max_grad_norm:
@@ -64,11 +62,76 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_moments(self) -> None:
+        """Forget AdamW's moment estimates (a federated client starting a round from new weights)."""
+        self.optimizer.state.clear()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class Trainer:
+    """One step on a batch of activations: the model's forward from the cut, the task's loss,
+    backward (LoRA + head only), update. Keeps the step count and a running loss/accuracy."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: OptimSettings,
+        params: list[torch.nn.Parameter] | None = None,
+        task: Task | None = None,
+    ):
+        self.model = model
+        self.settings = settings
+        self.task: Task = task or getattr(model, "task", None) or ClassificationTask()
+        params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.optim = Optimizer(params, settings)
+        self.params = self.optim.params
+        self.step_count = 0
+        self._recent: deque[tuple[float, int, int]] = deque(maxlen=50)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optim.optimizer
+
+    def step(self, batch: TrainBatch, before_update: Callable[[], None] | None = None) -> StepResult:
+        """Forward, loss, backward (LoRA + head only), optimizer step."""
+        return self.step_with(lambda: self.model(batch.hidden, batch.attention_mask), batch.labels, before_update)
+
+    def step_with(
+        self,
+        forward: Callable[[], torch.Tensor],
+        labels: torch.Tensor,
+        before_update: Callable[[], None] | None = None,
+        after_backward: Callable[[], None] | None = None,
+    ) -> StepResult:
+        """One step of any method: ``forward()`` gives the logits, the task gives the loss.
+
+        ``after_backward`` runs once the gradients exist (SplitLoRA sends the cut gradient to its
+        device there); ``before_update`` just before the parameters change.
+        """
+        started = time.perf_counter()
+        self.model.train()
+        logits = forward()
+        loss = self.task.loss(logits, labels)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        self.optim.update(before_update)
         self.step_count += 1
-        correct = int((logits.detach().argmax(-1) == batch.labels).sum())
-        result = StepResult(self.step_count, float(loss.detach()), correct, len(batch.labels), time.perf_counter() - started)
-        self._recent.append((result.loss * result.size, result.correct, result.size))
+        score = self.task.score(logits.detach(), labels)
+        result = StepResult(self.step_count, float(loss.detach()), score.correct, score.count, time.perf_counter() - started)
+        self.record(result)
         return result
+
+    def record(self, result: StepResult) -> None:
+        """Count a step in the running loss and accuracy (also for steps a method runs itself)."""
+        self._recent.append((result.loss * result.size, result.correct, result.size))
 
     @property
     def recent_loss(self) -> float:
@@ -81,13 +144,8 @@ class Trainer:
         return sum(c for _, c, _ in self._recent) / n if n else float("nan")
 
     def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step_count,
-        }
+        return {**self.optim.state_dict(), "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optim.load_state_dict(state)
         self.step_count = int(state["step"])

@@ -1,0 +1,136 @@
+"""The training loop: the one loop every method and every batch source runs.
+
+    while not stopped:
+        batch = source.next_batch()      # a mixed activation batch, a device's token batch, ...
+        result = method.step(batch)      # what one step is depends on the method
+        ledger.settle(batch.keys)        # exactly once, checkpointed
+        logger.step(result)              # rank 0 writes
+        method.after_step(result)        # e.g. federated aggregation
+        evaluate / checkpoint on schedule; stop at the budget
+
+Nothing in it knows the task, the method or where batches come from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from sftool.server.checkpoint import TrainingProgress
+from sftool.server.trainer import StepResult
+from sftool.training.ledger import Ledger
+from sftool.training.run_logger import RunLogger
+from sftool.training.sources import END
+
+
+class Source(Protocol):
+    def next_batch(self, timeout: float = 0.05) -> Any: ...
+
+    def alive(self) -> bool: ...
+
+
+class Method(Protocol):
+    """A training method as the loop sees it (see ``sftool.training.methods``)."""
+
+    def step(self, batch: Any) -> StepResult: ...
+
+    def after_step(self, result: StepResult) -> None: ...
+
+
+@dataclass
+class Budget:
+    """When to stop: after ``max_steps`` steps or ``max_samples`` trained samples (None: no limit)."""
+
+    max_steps: int | None = None
+    max_samples: int | None = None
+
+    def reached(self, steps: int, samples: int) -> bool:
+        return (self.max_steps is not None and steps >= self.max_steps) or (
+            self.max_samples is not None and samples >= self.max_samples
+        )
+
+
+@dataclass
+class LoopStats:
+    """Where the loop's time went (for the progress line and the summary)."""
+
+    started: float
+    train_s: float = 0.0
+    device_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_step: StepResult | None = None
+
+
+class TrainingLoop:
+    """Draw, step, settle, log, aggregate, evaluate, checkpoint; until the budget, the end of the
+    source, or a stop request (``stop_requested``, set from a signal handler or another thread)."""
+
+    def __init__(
+        self,
+        method: Method,
+        source: Source,
+        ledger: Ledger,
+        logger: RunLogger,
+        progress: TrainingProgress,
+        budget: Budget,
+        eval_every: int = 0,
+        checkpoint_every: int = 0,
+        evaluate: Callable[[], Any] | None = None,
+        checkpoint: Callable[[], Any] | None = None,
+        extra_metrics: Callable[[], dict[str, float]] | None = None,
+    ):
+        self.method = method
+        self.source = source
+        self.ledger = ledger
+        self.logger = logger
+        self.progress = progress
+        self.budget = budget
+        self.eval_every = eval_every
+        self.checkpoint_every = checkpoint_every
+        self.evaluate = evaluate
+        self.checkpoint = checkpoint
+        self.extra_metrics = extra_metrics
+        self.stats = LoopStats(time.perf_counter())
+        self.stop_requested: str | None = None
+
+    def budget_reached(self) -> bool:
+        return self.budget.reached(self.progress.step, self.progress.samples_trained)
+
+    def run(self, on_progress: Callable[[], None] | None = None, progress_every_s: float = 2.0) -> str:
+        """Train until done; returns why it stopped."""
+        last_report = time.perf_counter()
+        while self.stop_requested is None:
+            if self.budget_reached():
+                return "budget reached"
+            batch = self.source.next_batch()
+            if batch is END:
+                return "all devices finished"
+            if isinstance(batch, str):  # nothing ready yet
+                if not self.source.alive():
+                    return "receiver stopped"
+            else:
+                self._step(batch)
+            if on_progress and time.perf_counter() - last_report >= progress_every_s:
+                on_progress()
+                last_report = time.perf_counter()
+        return self.stop_requested
+
+    def _step(self, batch: Any) -> None:
+        result = self.method.step(batch)
+        self.progress.step = result.step
+        self.progress.samples_trained += result.size
+        self.stats.train_s += result.seconds
+        self.stats.device_s += result.device_s
+        self.stats.bytes_up += result.bytes_up
+        self.stats.bytes_down += result.bytes_down
+        self.stats.last_step = result
+        self.ledger.settle(batch.keys)
+        extra = {"samples": float(self.progress.samples_trained), **(self.extra_metrics() if self.extra_metrics else {})}
+        self.logger.step(result, batch.keys, extra)
+        self.method.after_step(result)
+        if self.eval_every and self.evaluate is not None and result.step % self.eval_every == 0:
+            self.evaluate()
+        if self.checkpoint_every and self.checkpoint is not None and result.step % self.checkpoint_every == 0:
+            self.checkpoint()

@@ -1,0 +1,323 @@
+"""Batch sources: where the training loop's batches come from.
+
+SplitFrozen trains on activations. They reach the trainer through an *inbox* — the streaming
+receiver (:class:`ReceiverInbox`), or devices simulated in this process, each running the exported
+ONNX over its shard (:class:`SimulatedInbox`) — and :class:`MixedActivations` turns them into
+training batches: it skips what the ledger already holds, catches up devices with an earlier
+split, fills the cross-device mixing buffer, keeps the activation cache and replays it. Both
+inboxes deliver the same ``ReceivedBatch`` records, so what follows the inbox is one code path.
+
+The other methods train on tokens: :class:`ShardBatches` yields each device's batches (the same
+batch plan a device uses) interleaved across devices in a fixed order.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
+from sftool.runtime.protocol import Batch
+from sftool.server.activation_cache import ActivationCache
+from sftool.server.mixing import MixingBuffer, Sample, TrainBatch
+from sftool.server.receiver import ReceivedBatch, Receiver
+from sftool.training.ledger import Ledger, SampleKey
+
+#: What ``next_batch`` returns when no batch will ever come again.
+END = None
+
+
+class Inbox(Protocol):
+    """Received (or simulated) device batches, in the order the trainer should see them."""
+
+    def get(self, timeout: float) -> ReceivedBatch | None: ...
+
+    def finished(self) -> bool:
+        """No batch will arrive any more (every expected device is done and nothing is queued)."""
+
+    def alive(self) -> bool: ...
+
+    def depth(self) -> int: ...
+
+
+class ReceiverInbox:
+    """The streaming receiver's bounded queue; finished once every expected device said BYE."""
+
+    def __init__(self, receiver: Receiver, batches: queue.Queue, expected_devices: Callable[[], int]):
+        self.receiver = receiver
+        self.queue = batches
+        self.expected_devices = expected_devices
+
+    def get(self, timeout: float) -> ReceivedBatch | None:
+        try:
+            return self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def finished(self) -> bool:
+        return self.receiver.all_finished(self.expected_devices()) and self.queue.empty()
+
+    def alive(self) -> bool:
+        return self.receiver.is_alive()
+
+    def depth(self) -> int:
+        return self.queue.qsize() + self.receiver.pending
+
+
+@dataclass
+class SimulatedDevice:
+    """A device of an in-process run: its shard and the batch plan ``sftool device`` would use.
+
+    Seq ``k`` is batch ``k % len(batches)`` of epoch ``k // len(batches)``, as on a real device;
+    seqs past the last epoch keep cycling (federated clients draw as many local steps as needed).
+    """
+
+    name: str
+    examples: Sequence[Example]
+    batch_size: int
+    epochs: int = 1
+    skip_epochs: Sequence[int] = ()
+    batches: list[list[int]] = field(default_factory=list)
+
+    def make_plan(self, encoder: TextEncoder, bucket_window: int = 8) -> SimulatedDevice:
+        self.batches = bucketed_batches(encoder.lengths([e.text for e in self.examples]), self.batch_size, bucket_window)
+        return self
+
+    def rows(self, seq: int) -> tuple[int, list[Example]]:
+        """(epoch, examples) of batch ``seq``."""
+        epoch, i = divmod(seq, len(self.batches))
+        return epoch, [self.examples[j] for j in self.batches[i]]
+
+    def seqs(self) -> list[int]:
+        """Every seq this device sends in its epochs (without the skipped ones)."""
+        return [seq for seq in range(self.epochs * len(self.batches)) if seq // len(self.batches) not in self.skip_epochs]
+
+
+def interleave(counts: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """One fixed order over every device's items: always the device furthest behind (by the
+    fraction of its own items done, then by name) goes next, so shards of any size finish together,
+    as pacing makes them do on a live server."""
+    done = {d: 0 for d in counts}
+    order = []
+    total = sum(len(v) for v in counts.values())
+    for _ in range(total):
+        device = min((d for d in counts if done[d] < len(counts[d])), key=lambda d: (done[d] / len(counts[d]), d))
+        order.append((device, counts[device][done[device]]))
+        done[device] += 1
+    return order
+
+
+class SimulatedInbox:
+    """Devices simulated in this process: each batch runs the exported device model (onnxruntime)
+    and is cast for the wire exactly as ``sftool device`` does, then handed over like a received one."""
+
+    def __init__(self, devices: Sequence[SimulatedDevice], device_model, encoder: TextEncoder, split: int,
+                 wire_dtype: str = "fp16"):
+        self.devices = {d.name: d for d in devices}
+        self.model = device_model
+        self.encoder = encoder
+        self.split = split
+        self.wire_dtype = wire_dtype
+        self.compute_s = 0.0
+        self.bytes_up = 0
+        self._order: Iterator[tuple[str, int]] = iter(interleave({d.name: d.seqs() for d in devices}))
+        self._left = sum(len(d.seqs()) for d in devices)
+
+    def get(self, timeout: float) -> ReceivedBatch | None:
+        from sftool.runtime.device_app import prepare_hidden
+
+        try:
+            name, seq = next(self._order)
+        except StopIteration:
+            return None
+        epoch, rows = self.devices[name].rows(seq)
+        started = time.perf_counter()
+        ids, mask = self.encoder.encode([r.text for r in rows])
+        hidden = prepare_hidden(self.model.forward(ids, mask), self.wire_dtype)
+        self.compute_s += time.perf_counter() - started
+        self.bytes_up += hidden.nbytes + mask.size
+        self._left -= 1
+        batch = Batch(name, seq, epoch, hidden, mask.astype(np.uint8),
+                      np.array([r.label for r in rows], dtype=np.int64), np.array([r.sample_id for r in rows], dtype=np.int64))
+        return ReceivedBatch(batch, self.split, time.monotonic())
+
+    def finished(self) -> bool:
+        return self._left == 0
+
+    def alive(self) -> bool:
+        return True
+
+    def depth(self) -> int:
+        return 0
+
+
+class MixedActivations:
+    """Training batches of activations drawn from the mixing buffer, filled from an inbox and, once
+    every device is done, from the activation cache's replay of later epochs."""
+
+    def __init__(self, inbox: Inbox, model, buffer: MixingBuffer, ledger: Ledger,
+                 cache: ActivationCache | None = None, sequential: bool = False):
+        self.inbox = inbox
+        self.model = model
+        self.buffer = buffer
+        self.ledger = ledger
+        self.cache = cache
+        self.sequential = sequential
+        self.idle_s = 0.0
+        self.samples_replayed = 0
+        self._replay_epochs: dict[str, list[int]] = {}  # device -> epochs to replay from the cache
+        self._replay: Iterator[tuple[str, int]] | None = None
+        self._replay_epoch = -1
+
+    # -- activation cache -----------------------------------------------------------------------
+    def plan_skip_epochs(self, device: str, epochs: int, samples_per_epoch: int, max_len: int) -> list[int]:
+        """At a device's first HELLO (receiver thread): which epochs it need not send."""
+        if self.cache is None or epochs < 2 or samples_per_epoch <= 0:
+            return []
+        if not self.cache.reserve(samples_per_epoch, max_len):
+            return []  # over the cache budget: this device sends every epoch
+        skip = list(range(1, epochs))
+        self._replay_epochs[device] = skip
+        return skip
+
+    def _next_replay_sample(self) -> Sample | None:
+        """The next cached sample to train (epochs replayed in order, shuffled across devices)."""
+        while True:
+            if self._replay is not None:
+                for device, sample_id in self._replay:
+                    if self.ledger.is_trained(device, self._replay_epoch, sample_id):
+                        continue  # trained before a restart
+                    hidden, label = self.cache.get(device, sample_id)
+                    self.samples_replayed += 1
+                    n = hidden.shape[0]
+                    return Sample(torch.from_numpy(hidden.astype("float32")), torch.ones(n, dtype=torch.long), label,
+                                  device, sample_id, self._replay_epoch, -1)
+                self._replay = None
+            later = sorted({e for epochs in list(self._replay_epochs.values()) for e in epochs if e > self._replay_epoch})
+            if not later:
+                return None
+            self._replay_epoch = later[0]
+            devices = [d for d, epochs in self._replay_epochs.items() if self._replay_epoch in epochs]
+            self._replay = self.cache.replay_order(devices, self.buffer.rng)
+
+    def _replay_pending(self) -> bool:
+        if self.cache is None:
+            return False
+        later = any(e > self._replay_epoch for epochs in list(self._replay_epochs.values()) for e in epochs)
+        return later or self._replay is not None
+
+    # -- the stream -----------------------------------------------------------------------------
+    def ingest(self, item: ReceivedBatch) -> None:
+        b = item.batch
+        keep = self.ledger.untrained(b.device, b.epoch, b.sample_ids.tolist())
+        self.ledger.expect(b.device, b.seq, len(keep))
+        if not keep:
+            return
+        device = self.model.device if hasattr(self.model, "device") else None
+        hidden = torch.from_numpy(b.hidden[keep].astype("float32"))  # fp16 on the wire, fp32 to train
+        mask = torch.from_numpy(b.attention_mask[keep].astype("int64"))
+        if device is not None:
+            hidden, mask = hidden.to(device), mask.to(device)
+        hidden = self.model.catch_up(hidden, mask, item.split)
+        lengths = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(-1).tolist()  # to the last real token
+        if self.cache is not None and b.device in self._replay_epochs:
+            for j, (i, n) in enumerate(zip(keep, lengths)):
+                self.cache.put(b.device, int(b.sample_ids[i]), int(b.labels[i]), hidden[j, :n].cpu().numpy())
+        self.buffer.add([
+            Sample(hidden[j, :n].clone(), mask[j, :n].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
+            for j, (i, n) in enumerate(zip(keep, lengths))
+        ])
+
+    def _fill(self) -> None:
+        """Move received batches into the mixing buffer; once every device is done, cached replays."""
+        while self.buffer.has_room:
+            item = self.inbox.get(0)
+            if item is not None:
+                self.ingest(item)
+                continue
+            if self.cache is None or not self.inbox.finished():
+                return
+            sample = self._next_replay_sample()
+            if sample is None:
+                return
+            self.buffer.add([sample])
+
+    def next_batch(self, timeout: float = 0.05) -> TrainBatch | None | str:
+        """A training batch; ``"wait"`` if none is ready within ``timeout``; ``END`` when the stream is over."""
+        self._fill()
+        ended = self.inbox.finished() and not self._replay_pending()
+        if self.buffer.ready(ended or self.sequential):
+            return self.buffer.draw()
+        if ended and not len(self.buffer):
+            return END
+        started = time.perf_counter()
+        item = self.inbox.get(timeout)
+        if item is not None:
+            self.ingest(item)
+        self.idle_s += time.perf_counter() - started
+        return "wait"
+
+    def alive(self) -> bool:
+        return self.inbox.alive()
+
+    def depth(self) -> int:
+        return self.inbox.depth()
+
+
+@dataclass
+class TokenBatch:
+    """A device's batch of tokens (for the methods that train on the device side)."""
+
+    device: str
+    epoch: int
+    input_ids: torch.Tensor  # [B, T] int64, right padded
+    attention_mask: torch.Tensor  # [B, T] int64
+    labels: torch.Tensor  # [B] (the task's label tensor)
+    sample_ids: list[int]
+
+    @property
+    def keys(self) -> list[SampleKey]:
+        return [SampleKey(self.device, self.epoch, s) for s in self.sample_ids]
+
+
+def rounds(devices: Sequence[SimulatedDevice], num_rounds: int, local_steps: int) -> list[tuple[str, int]]:
+    """FedAvg's order: in every round each device takes its next ``local_steps`` batches."""
+    order, next_seq = [], {d.name: 0 for d in devices}
+    for _ in range(num_rounds):
+        for d in devices:
+            order.extend((d.name, next_seq[d.name] + i) for i in range(local_steps))
+            next_seq[d.name] += local_steps
+    return order
+
+
+class ShardBatches:
+    """Token batches of the devices' shards, in the devices' own batch plans, in a given order of
+    (device, seq) (:func:`interleave` for split learning, :func:`rounds` for federated rounds)."""
+
+    def __init__(self, devices: Sequence[SimulatedDevice], encoder: TextEncoder, task, order: Sequence[tuple[str, int]]):
+        self.devices = {d.name: d for d in devices}
+        self.encoder = encoder
+        self.task = task
+        self._order = iter(order)
+
+    def batch(self, name: str, seq: int) -> TokenBatch:
+        epoch, rows = self.devices[name].rows(seq)
+        ids, mask = self.encoder.encode([r.text for r in rows])
+        return TokenBatch(name, epoch, torch.from_numpy(ids), torch.from_numpy(mask),
+                          self.task.labels_tensor([r.label for r in rows]), [r.sample_id for r in rows])
+
+    def next_batch(self, timeout: float = 0.0) -> TokenBatch | None:
+        try:
+            return self.batch(*next(self._order))
+        except StopIteration:
+            return END
+
+    def alive(self) -> bool:
+        return True
+
+    def depth(self) -> int:
+        return 0

@@ -1,0 +1,131 @@
+"""What depends on the task: the head, the labels' shape on the wire, the loss, the metrics.
+
+Methods and the training loop call a :class:`Task` and never branch on which task it is, so a
+causal-LM task plugs in beside classification without touching them: it brings its own head
+(``causal_lm``), label spec (``[B, T]`` token ids with an ignore index), loss and scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What a batch carries as labels: the manifest records it, the wire validates against it."""
+
+    #: Label dims after the batch dim: () for one class id per sample, ("T",) for one per token.
+    dims: tuple[str, ...]
+    dtype: str = "int64"
+    #: Number of distinct valid label values (class ids 0..n-1, or the vocabulary size).
+    num_values: int = 2
+    #: A label value that counts as "no label" (token labels of the prompt), or None.
+    ignore_index: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"dims": list(self.dims), "dtype": self.dtype, "num_values": self.num_values, "ignore_index": self.ignore_index}
+
+
+@dataclass
+class Score:
+    """A running sum of a task's metrics over batches (loss summed over counted items)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, other: Score) -> None:
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.count += other.count
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else float("nan")
+
+
+class Task(Protocol):
+    """The task a run trains: everything the loop and the methods must not know themselves."""
+
+    name: str
+    #: ``sftool.exporters.model_source.load_model`` head: "seq_cls" or "causal_lm".
+    head: str
+    label_spec: LabelSpec
+
+    def peft_task_type(self): ...
+
+    def model_kwargs(self) -> dict: ...
+
+    def head_module(self, hf_model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, head: torch.nn.Module) -> torch.Tensor: ...
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> Score: ...
+
+    def labels_tensor(self, labels: Sequence) -> torch.Tensor: ...
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (what a causal LM's classification head pools)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """One class per sample: the last real token's hidden state through a linear head (``score``),
+    cross-entropy, accuracy. The head is what transformers' ``*ForSequenceClassification`` has, so
+    the adapter (LoRA + head as ``modules_to_save``) loads with plain peft on the unsplit model."""
+
+    num_labels: int = 2
+    label_names: tuple[str, ...] | None = field(default=None)
+    name: str = "classification"
+    head: str = "seq_cls"
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 2:
+            raise ValueError("a classification task needs at least 2 labels")
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            raise ValueError(f"{len(self.label_names)} label names for {self.num_labels} labels")
+
+    @property
+    def label_spec(self) -> LabelSpec:
+        return LabelSpec(dims=(), num_values=self.num_labels)
+
+    def peft_task_type(self):
+        from peft import TaskType
+
+        return TaskType.SEQ_CLS
+
+    def model_kwargs(self) -> dict:
+        return {"head": self.head, "num_labels": self.num_labels}
+
+    def head_module(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        return hf_model.score
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+        """[B, C] from the final-norm output [B, T, H]: the head on each row's last real token."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return head(hidden[rows, last_token_index(attention_mask)])
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> Score:
+        loss_sum = float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct = int((logits.argmax(-1) == labels).sum())
+        return Score(loss_sum, correct, int(labels.numel()))
+
+    def labels_tensor(self, labels: Sequence) -> torch.Tensor:
+        return torch.as_tensor([int(y) for y in labels], dtype=torch.long)
