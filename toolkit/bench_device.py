@@ -256,23 +256,9 @@ def measure_memory(name: str, artifacts: Path, source: str, batches_file: Path, 
 # -- the benchmark ---------------------------------------------------------------------------------
 def _tiny_model(folder: Path) -> Path:
     """A tiny random Llama with a word-level tokenizer over the bundled sentences."""
-    import torch
-    import transformers
-    from sftool.exporters.quantize import CALIBRATION_TEXTS
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from sftool.synthetic import tiny_model
 
-    words = sorted({w for t in CALIBRATION_TEXTS for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<eos>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab), num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
-    return folder
+    return tiny_model(folder)
 
 
 def _ratio(a: float, b: float) -> float:

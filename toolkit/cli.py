@@ -21,6 +21,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sftool import __version__
 from sftool.errors import SftoolError
 
@@ -41,7 +42,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SftoolError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("interrupted", highlight=False)
@@ -342,6 +343,22 @@ def evaluate(
                f"({result['precision']} device activations)")
     if out:
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+@user_errors
+def experiment(
+    config: Optional[Path] = typer.Argument(None, help="Sweep configuration (TOML); every entry has a default."),
+    out: Path = typer.Option(Path("runs/experiment"), "--out", help="Sweep folder: results.jsonl, report.md, plots."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE", help="Override a config entry (repeatable)."),
+    keep_runs: bool = typer.Option(False, help="Keep each run's folder (adapter, metrics) under OUT/runs."),
+) -> None:
+    """Compare methods (SplitFrozen, SplitLoRA, FedLoRA, centralized) on identical shards, budget and evaluation."""
+    from sftool.experiment import load_config, run_sweep
+
+    cfg = load_config(config, set_ or [])
+    results = run_sweep(cfg, out, log=lambda m: console.print(f"[dim]experiment:[/] {m}", highlight=False), keep_runs=keep_runs)
+    typer.echo(f"{len(results)} runs in {out / 'results.jsonl'}; report: {out / 'report.md'}")
 
 
 def _print_summary(summary: dict) -> None:
