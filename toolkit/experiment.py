@@ -268,6 +268,8 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     from sftool.training.task import ClassificationTask
 
     cfg = ws.config
+    if key.method == "splitfrozen":
+        return _run_splitfrozen(key, ws, run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     folder = ws.data(key.dataset, key.scheme, key.seed)
@@ -321,22 +323,79 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
 
     lengths = token_lengths(encoder, shard_examples)
     flops = count_flops(model.config, _flops_method(key.method), k, lengths, cfg.lora.rank, cfg.lora.targets, task.num_labels)
-    device_s = getattr(method, "device_s", 0.0) or getattr(source, "device_compute_s", 0.0)
     samples = progress.samples_trained
     return {
         "run": key.id, **asdict(key), "stopped": reason,
         "accuracy": final["accuracy"], "loss": final["loss"], "eval_n": final["n"],
         "majority": _majority(eval_examples),
         "samples": samples, "steps": progress.step, "wall_s": wall,
-        "device_s_per_sample": device_s / max(samples, 1),
-        # A SplitFrozen device with the activation cache computes each sample once, not once per epoch.
-        "device_s_per_sample_cached": (device_s / max(samples, 1) / cfg.train.epochs) if key.method == "splitfrozen" else None,
+        "device_s_per_sample": method.device_s / max(samples, 1), "device_s_per_sample_cached": None,
         "device_flops_per_sample": flops.device, "server_flops_per_sample": flops.server,
-        "bytes_up": getattr(method, "bytes_up", 0) or getattr(source, "bytes_up", 0),
-        "bytes_down": getattr(method, "bytes_down", 0),
+        "bytes_up": method.bytes_up, "bytes_down": method.bytes_down,
         "server_s": loop.stats.train_s - loop.stats.device_s,
         "losses": _step_losses(run_dir) if run_dir is not None else None,
         "curve": curve,
+    }
+
+
+def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[str, Any]:
+    """SplitFrozen through ``serve_in_process``: the server's own trainer, devices on the exported ONNX."""
+    import tempfile
+
+    from sftool.flops import count_flops
+    from sftool.runtime.local_data import TextEncoder, read_examples
+    from sftool.runtime.manifest import load_manifest
+    from sftool.server.serve import ServeOptions, serve_in_process
+    from sftool.server.split_model import LoraSettings
+    from sftool.server.trainer import OptimSettings
+    from sftool.training.run_logger import read_metrics
+    from sftool.training.sources import SimulatedDevice
+
+    cfg = ws.config
+    folder = ws.data(key.dataset, key.scheme, key.seed)
+    label_names = json.loads((folder / "label_map.json").read_text())["label_names"]
+    artifacts = ws.artifacts(key.precision)
+    manifest = load_manifest(artifacts)
+    shards = sorted(folder.glob("device-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    shard_examples = {f"device-{i}": read_examples(p) for i, p in enumerate(shards)}
+    shard_examples = {d: ex for d, ex in shard_examples.items() if ex}
+    n_train = sum(len(v) for v in shard_examples.values())
+    steps_total = math.ceil(cfg.train.epochs * n_train / cfg.train.batch_size)
+    with tempfile.TemporaryDirectory(prefix="sftool-run-") as tmp:
+        out = run_dir or Path(tmp)
+        opts = ServeOptions(
+            source=ws.source(), artifacts=[artifacts], out=out, num_labels=len(label_names), label_names=label_names,
+            devices=len(shard_examples), batch_size=cfg.train.batch_size, mix_capacity=cfg.train.mix_capacity,
+            max_samples=cfg.train.epochs * n_train, seed=key.seed,
+            lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets),
+            optim=OptimSettings(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.max_grad_norm),
+            threads=cfg.train.threads, eval_data=folder / "eval.jsonl",
+            eval_every=max(1, steps_total // cfg.train.evals) if cfg.train.evals else 0,
+            eval_precision=key.precision, checkpoint_every=0,
+        )
+        devices = [SimulatedDevice(d, ex, cfg.train.device_batch_size, cfg.train.epochs) for d, ex in shard_examples.items()]
+        summary = serve_in_process(opts, devices, key.precision, log_line=lambda m: None)
+        losses = [r["loss"] for r in read_metrics(out) if "loss" in r and "eval" not in r]
+    encoder = TextEncoder(artifacts / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
+    from sftool.exporters.model_source import load_config
+
+    flops = count_flops(load_config(ws.source()), "splitfrozen", manifest.split, token_lengths(encoder, shard_examples),
+                        cfg.lora.rank, cfg.lora.targets, len(label_names))
+    final = summary["eval_after"]
+    samples = summary["samples_trained"]
+    device_s = summary["device_compute_s"]
+    return {
+        "run": key.id, **asdict(key), "stopped": summary["stopped"],
+        "accuracy": final["accuracy"], "loss": final["loss"], "eval_n": final["n"],
+        "majority": _majority(read_examples(folder / "eval.jsonl")),
+        "samples": samples, "steps": summary["steps"], "wall_s": summary["wall_s"],
+        "device_s_per_sample": device_s / max(samples, 1),
+        # With the activation cache a SplitFrozen device computes each sample once, not once per epoch.
+        "device_s_per_sample_cached": device_s / max(samples, 1) / cfg.train.epochs,
+        "device_flops_per_sample": flops.device, "server_flops_per_sample": flops.server,
+        "bytes_up": summary["bytes_received"], "bytes_down": 0, "server_s": summary["train_compute_s"],
+        "losses": losses,
+        "curve": [{k: e[k] for k in ("step", "samples", "accuracy", "loss", "n")} for e in summary["evals"]],
     }
 
 
@@ -397,51 +456,17 @@ def _token_eval(logits_fn, model, task, encoder, examples, batch_size: int = 32)
 def _build_method(key, ws, model, task, optim, encoder, manifest, artifacts, devices, shard_examples, eval_examples,
                   ledger, steps_total):
     """(method, batch source, evaluation) for one run."""
-    from sftool.server.mixing import MixingBuffer
-    from sftool.server.trainer import Trainer
-    from sftool.training.sources import ShardBatches, SimulatedDevice, SimulatedInbox, interleave, rounds
+    from sftool.training.sources import ShardBatches, SimulatedDevice, interleave, plan_of, rounds
 
     cfg = ws.config
     batch = cfg.train.batch_size
     shard_sizes = {d: len(ex) for d, ex in shard_examples.items()}
-    if key.method == "splitfrozen":
-        from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant
-        from sftool.server.evaluate import Evaluator
-        from sftool.training.methods.splitfrozen import SplitFrozen
-        from sftool.training.sources import MixedActivations
-
-        variant = choose_variant(manifest, key.precision)
-        device_model = DeviceModel(artifacts, manifest, variant, settings=SessionSettings(cfg.train.threads))
-        inbox = SimulatedInbox(devices(cfg.train.device_batch_size, cfg.train.epochs), device_model, encoder, manifest.split)
-        buffer = MixingBuffer(batch, cfg.train.mix_capacity, "mix", key.seed)
-        source = MixedActivations(inbox, model, buffer, ledger)
-        method = SplitFrozen(model, Trainer(model, optim))
-        evaluator = Evaluator(model, artifacts, manifest, eval_examples, precision=key.precision, threads=cfg.train.threads)
-
-        class _Source:
-            """The mixed stream, reporting the simulated devices' compute and bytes."""
-
-            def next_batch(self, timeout: float = 0.0):
-                return source.next_batch(0.0)
-
-            def alive(self) -> bool:
-                return True
-
-            @property
-            def device_compute_s(self) -> float:
-                return inbox.compute_s
-
-            @property
-            def bytes_up(self) -> int:
-                return inbox.bytes_up
-
-        return method, _Source(), lambda: evaluator.evaluate().as_dict()
     if key.method == "splitlora":
         from sftool.training.methods.splitlora import SplitLoRA
 
         method = SplitLoRA(model, cfg.model.split, optim, shard_sizes, cfg.splitlora.aggregate_every, cfg.splitlora.weighted)
         devs = devices(batch, cfg.train.epochs)
-        source = ShardBatches(devs, encoder, task, interleave({d.name: d.seqs() for d in devs}))
+        source = ShardBatches(devs, encoder, task, interleave(plan_of(devs)))
         return method, source, _token_eval(method.logits, model, task, encoder, eval_examples)
     if key.method in ("fedlora", "ffa"):
         from sftool.training.methods.fedlora import FedLoRA

@@ -38,7 +38,7 @@ from sftool.training.ledger import Ledger
 from sftool.training.loop import Budget, TrainingLoop
 from sftool.training.methods.splitfrozen import SplitFrozen
 from sftool.training.run_logger import RunLogger
-from sftool.training.sources import MixedActivations, ReceiverInbox
+from sftool.training.sources import Inbox, MixedActivations, ReceiverInbox, SimulatedDevice, SimulatedInbox
 from sftool.training.task import ClassificationTask
 
 log = logging.getLogger("sftool.server")
@@ -176,28 +176,26 @@ class StreamTrainer:
         self,
         opts: ServeOptions,
         model: SplitServerModel,
-        receiver: Receiver,
-        batches: queue.Queue,
+        inbox: Inbox,
         evaluator: Evaluator | None = None,
+        receiver: Receiver | None = None,
     ):
         self.opts = opts
         self.evaluator = evaluator
         self.model = model
         self.receiver = receiver
-        self.queue = batches
         self.trainer = Trainer(model, opts.optim)
         sequential = opts.schedule == "sequential"
         # Sequential split learning trains each batch as it comes; waiting to fill a mixing buffer
         # there would deadlock (devices wait for the ACK that training gives).
         self.buffer = MixingBuffer(opts.batch_size, opts.mix_capacity, "fifo" if sequential else opts.mixing, opts.seed)
         self.progress_state = TrainingProgress()
-        self.ledger = Ledger(on_settled=receiver.mark_trained if sequential else None)
+        self.ledger = Ledger(on_settled=receiver.mark_trained if sequential and receiver else None)
         self.cache: ActivationCache | None = None
         if opts.cache_activations:
             self.cache = ActivationCache(Path(opts.out) / "activation_cache", model.hidden_size, int(opts.cache_max_gb * 2**30))
-        inbox = ReceiverInbox(receiver, batches, lambda: opts.devices - len(self.progress_state.finished_devices))
         self.source = MixedActivations(inbox, model, self.buffer, self.ledger, self.cache, sequential)
-        if self.cache is not None:
+        if self.cache is not None and receiver is not None:
             receiver.plan_skip_epochs = self.source.plan_skip_epochs
         self.logger = RunLogger(Path(opts.out), log_samples=opts.log_samples)
         self._log_line: Callable[[str], None] | None = None
@@ -248,7 +246,7 @@ class StreamTrainer:
         p.trained, p.done_seqs = self.ledger.state()
         p.finished_devices = sorted(
             set(p.finished_devices)
-            | {name for name, s in self.receiver.snapshot().items() if s.said_bye and not self.ledger.pending_from(name)}
+            | {name for name, s in self.sessions().items() if s.said_bye and not self.ledger.pending_from(name)}
         )
         if self.cache is not None:
             self.cache.save_index()
@@ -266,8 +264,12 @@ class StreamTrainer:
                      f"({result['n']} examples, {result['seconds']:.1f}s)")
         return result
 
+    def sessions(self) -> dict:
+        """The receiver's device sessions (none for devices simulated in this process)."""
+        return self.receiver.snapshot() if self.receiver is not None else {}
+
     def progress(self) -> Progress:
-        sessions = self.receiver.snapshot()
+        sessions = self.sessions()
         elapsed = max(1e-9, time.perf_counter() - self.loop.stats.started)
         return Progress(
             samples=self.samples_trained,
@@ -307,16 +309,8 @@ class StreamTrainer:
             self.cache.close()
 
 
-def serve(
-    opts: ServeOptions,
-    on_progress: Callable[[Progress], None] | None = None,
-    log_line: Callable[[str], None] = print,
-) -> dict:
-    """Run the server until done; save the adapter and a summary into ``opts.out``. Returns the summary.
-
-    The adapter and summary are written however the run ends (budget, all devices done, Ctrl-C):
-    what was trained is never lost.
-    """
+def _prepare(opts: ServeOptions, log_line: Callable[[str], None]):
+    """What every run needs before batches flow: the run folder, the accepted exports, the model, the evaluator."""
     _check_options(opts)
     out = Path(opts.out)
     try:
@@ -331,7 +325,20 @@ def serve(
     evaluator = _make_evaluator(opts, model, manifests)  # before binding: a bad eval file fails fast
     n_train = sum(p.numel() for p in model.trainable_parameters())
     log_line(f"training blocks {model.train_from}..{model.num_layers - 1} with LoRA r={opts.lora.rank} + head: {n_train:,} trainable parameters")
+    return out, accepted, model, manifests, evaluator
 
+
+def serve(
+    opts: ServeOptions,
+    on_progress: Callable[[Progress], None] | None = None,
+    log_line: Callable[[str], None] = print,
+) -> dict:
+    """Run the server until done; save the adapter and a summary into ``opts.out``. Returns the summary.
+
+    The adapter and summary are written however the run ends (budget, all devices done, Ctrl-C):
+    what was trained is never lost.
+    """
+    out, accepted, model, manifests, evaluator = _prepare(opts, log_line)
     batches: queue.Queue[ReceivedBatch] = queue.Queue(maxsize=opts.queue_size)
     receiver = Receiver(
         opts.bind,
@@ -342,16 +349,70 @@ def serve(
         device_timeout_s=opts.device_timeout_s,
         pace=opts.pace,
     )
-    stream = StreamTrainer(opts, model, receiver, batches, evaluator)
+    # Arrival order decides nothing when batches are released in the fixed order (pipelined, paced,
+    # a fresh run); a resumed run continues from a checkpoint whose buffer contents are gone anyway.
+    ordered = opts.schedule == "pipelined" and opts.pace and not opts.resume
+
+    def expected_devices() -> int:  # devices that finished before a restart do not come back
+        return opts.devices - len(stream.progress_state.finished_devices)
+
+    inbox = ReceiverInbox(receiver, batches, expected_devices, ordered=ordered)
+    stream = StreamTrainer(opts, model, inbox, evaluator, receiver=receiver)
     receiver.done_seqs_for = stream.done_seqs
+
+    def start() -> None:
+        receiver.start()
+        log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
+
+    def stop(reason: str) -> None:
+        receiver.request_stop(reason)
+        receiver.join_stopped(timeout=5)
+
+    return _drive(opts, stream, accepted, start, stop, on_progress, log_line)
+
+
+def serve_in_process(
+    opts: ServeOptions,
+    devices: Sequence[SimulatedDevice],
+    precision: str = "fp32",
+    on_progress: Callable[[Progress], None] | None = None,
+    log_line: Callable[[str], None] = print,
+) -> dict:
+    """``serve`` with its devices simulated in this process: each runs the exported ONNX of the
+    split over its shard, with the batch plan and the wire cast of ``sftool device``, and its
+    batches reach the same trainer in the order a live server releases them. Same run folder."""
+    from sftool.runtime.local_data import TextEncoder
+    from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant
+
+    if len(opts.artifacts) != 1:
+        raise SftoolError("devices simulated in process run one export (one split)")
+    out, accepted, model, manifests, evaluator = _prepare(opts, log_line)
+    folder, manifest = manifests[0]
+    device_model = DeviceModel(folder, manifest, choose_variant(manifest, precision), settings=SessionSettings(opts.threads))
+    encoder = TextEncoder(folder / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
+    for d in devices:
+        if not d.batches:
+            d.make_plan(encoder)
+    inbox = SimulatedInbox(devices, device_model, encoder, manifest.split)
+    stream = StreamTrainer(replace(opts, devices=len(devices)), model, inbox, evaluator)
+    summary = _drive(opts, stream, accepted, lambda: None, lambda reason: None, on_progress, log_line)
+    summary["device_compute_s"] = inbox.compute_s
+    summary["bytes_received"] = inbox.bytes_up
+    write_summary(out, summary)
+    return summary
+
+
+def _drive(opts: ServeOptions, stream: StreamTrainer, accepted, start: Callable[[], None], stop: Callable[[str], None],
+           on_progress, log_line: Callable[[str], None]) -> dict:
+    """Evaluate, train, evaluate; then, however the run ends, checkpoint, save the adapter, summarize."""
+    out = Path(opts.out)
     if opts.resume:
         stream.resume(latest_checkpoint(out), log_line)
         eval_before = stream.evals[0] if stream.evals else None
     else:
         write_run_record(out, _run_record(opts, accepted))
         eval_before = stream.evaluate(log_line)
-    receiver.start()
-    log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
+    start()
     restore_signal = _stop_on_sigterm(stream)
     started = time.perf_counter()
     ended: float | None = None
@@ -363,14 +424,13 @@ def serve(
         ended = time.perf_counter()
     finally:
         restore_signal()
-        receiver.request_stop(reason)
-        receiver.join_stopped(timeout=5)
+        stop(reason)
         # Whatever ended the run, what was trained is kept, and it can be resumed.
         stream.checkpoint()
         stream.close()
-        model.save_adapter(out / "adapter")
+        stream.model.save_adapter(out / "adapter")
         # Wall time of the run itself: from listening to the last step/evaluation, without saving.
-        summary = _summary(opts, stream, receiver, reason, (ended or time.perf_counter()) - started)
+        summary = _summary(opts, stream, reason, (ended or time.perf_counter()) - started)
         summary["eval_before"] = eval_before
         summary["eval_after"] = stream.evals[-1] if len(stream.evals) > (eval_before is not None) else None
         summary["evals"] = stream.evals
@@ -439,21 +499,22 @@ def _make_evaluator(opts: ServeOptions, model: SplitServerModel, manifests: list
     return Evaluator(model, folder, manifest, examples, precision=opts.eval_precision, threads=opts.threads)
 
 
-def _summary(opts: ServeOptions, stream: StreamTrainer, receiver: Receiver, reason: str, wall_s: float) -> dict:
-    sessions = receiver.snapshot()
+def _summary(opts: ServeOptions, stream: StreamTrainer, reason: str, wall_s: float) -> dict:
+    receiver = stream.receiver
+    sessions = stream.sessions()
     return {
         "stopped": reason,
         "samples_trained": stream.samples_trained,
         "steps": stream.trainer.step_count,
         "final_loss": stream.trainer.recent_loss,
         "train_accuracy": stream.trainer.recent_accuracy,
-        "bytes_received": receiver.bytes_received,
+        "bytes_received": receiver.bytes_received if receiver else 0,
         "wall_s": wall_s,
         "train_compute_s": stream.train_s,
         "samples_replayed_from_cache": stream.samples_replayed,
         "eval_compute_s": sum(e["seconds"] for e in stream.evals),
         "trainer_idle_fraction": stream.idle_s / max(wall_s, 1e-9),
-        "errors_sent": receiver.errors_sent,
+        "errors_sent": receiver.errors_sent if receiver else 0,
         "devices": {
             name: {
                 "split": s.split,

@@ -45,27 +45,79 @@ class Inbox(Protocol):
 
 
 class ReceiverInbox:
-    """The streaming receiver's bounded queue; finished once every expected device said BYE."""
+    """The streaming receiver's bounded queue; finished once every expected device said BYE.
 
-    def __init__(self, receiver: Receiver, batches: queue.Queue, expected_devices: Callable[[], int]):
+    ``ordered``: batches are released in the fixed order of :func:`interleave` (by each device's
+    announced data size) instead of their arrival order, so the mixing buffer sees the same
+    samples in the same order in every run at a seed, and an in-process run gives the same losses.
+    The queue is drained into a per-device hold, which pacing bounds: a device more than the
+    pacing margin ahead of the slowest one gets no credits, so it cannot fill the hold.
+    """
+
+    def __init__(self, receiver: Receiver, batches: queue.Queue, expected_devices: Callable[[], int],
+                 ordered: bool = False):
         self.receiver = receiver
         self.queue = batches
         self.expected_devices = expected_devices
+        self.ordered = ordered
+        self._held: dict[str, dict[int, ReceivedBatch]] = {}
+        self._released: dict[str, int] = {}
+        self._next_seq: dict[str, int] = {}
 
     def get(self, timeout: float) -> ReceivedBatch | None:
+        if not self.ordered:
+            return self._take(timeout)
+        while (item := self._take(0)) is not None:
+            self._hold(item)
+        released = self._release()
+        if released is None and timeout > 0:
+            item = self._take(timeout)
+            if item is not None:
+                self._hold(item)
+                released = self._release()
+        return released
+
+    def _take(self, timeout: float) -> ReceivedBatch | None:
         try:
             return self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
 
+    def _hold(self, item: ReceivedBatch) -> None:
+        self._held.setdefault(item.batch.device, {})[item.batch.seq] = item
+
+    def _release(self) -> ReceivedBatch | None:
+        sessions = self.receiver.snapshot()
+        if len(sessions) < self.expected_devices():
+            return None  # the order needs every device's announced size
+        candidates = []
+        for name, s in sessions.items():
+            released = self._released.get(name, 0)
+            gone = s.finished and not self._held.get(name)
+            if s.planned_samples > 0 and released < s.planned_samples and not gone:
+                candidates.append((released / s.planned_samples, name))
+        if not candidates:  # nothing more is planned: hand over whatever is left, in a fixed order
+            leftovers = sorted((d, q) for d, held in self._held.items() for q in held)
+            return self._pop(*leftovers[0]) if leftovers else None
+        _, device = min(candidates)
+        return self._pop(device, self._next_seq.get(device, 0))
+
+    def _pop(self, device: str, seq: int) -> ReceivedBatch | None:
+        item = self._held.get(device, {}).pop(seq, None)
+        if item is not None:
+            self._released[device] = self._released.get(device, 0) + item.batch.size
+            self._next_seq[device] = seq + 1
+        return item
+
     def finished(self) -> bool:
-        return self.receiver.all_finished(self.expected_devices()) and self.queue.empty()
+        held = any(self._held.values())
+        return not held and self.receiver.all_finished(self.expected_devices()) and self.queue.empty()
 
     def alive(self) -> bool:
         return self.receiver.is_alive()
 
     def depth(self) -> int:
-        return self.queue.qsize() + self.receiver.pending
+        return self.queue.qsize() + self.receiver.pending + sum(len(h) for h in self._held.values())
 
 
 @dataclass
@@ -97,18 +149,30 @@ class SimulatedDevice:
         return [seq for seq in range(self.epochs * len(self.batches)) if seq // len(self.batches) not in self.skip_epochs]
 
 
-def interleave(counts: dict[str, list[int]]) -> list[tuple[str, int]]:
-    """One fixed order over every device's items: always the device furthest behind (by the
-    fraction of its own items done, then by name) goes next, so shards of any size finish together,
-    as pacing makes them do on a live server."""
-    done = {d: 0 for d in counts}
+def interleave(batches: dict[str, list[tuple[int, int]]]) -> list[tuple[str, int]]:
+    """One fixed order over every device's batches, given as (seq, samples) in each device's order:
+    the device furthest behind (by the fraction of its own samples released, then by name) goes
+    next, so shards of any size finish together, as pacing makes them do on a live server. The
+    streaming server releases received batches by the same rule (``ReceiverInbox(ordered=True)``),
+    which is what makes a run's result independent of the arrival order of batches."""
+    totals = {d: sum(n for _, n in v) for d, v in batches.items() if v}
+    done = {d: 0 for d in totals}
+    position = {d: 0 for d in totals}
     order = []
-    total = sum(len(v) for v in counts.values())
-    for _ in range(total):
-        device = min((d for d in counts if done[d] < len(counts[d])), key=lambda d: (done[d] / len(counts[d]), d))
-        order.append((device, counts[device][done[device]]))
-        done[device] += 1
-    return order
+    while True:
+        open_ = [d for d in totals if position[d] < len(batches[d])]
+        if not open_:
+            return order
+        device = min(open_, key=lambda d: (done[d] / totals[d], d))
+        seq, n = batches[device][position[device]]
+        order.append((device, seq))
+        done[device] += n
+        position[device] += 1
+
+
+def plan_of(devices: Sequence[SimulatedDevice]) -> dict[str, list[tuple[int, int]]]:
+    """(seq, samples) of every batch each device sends: the input of :func:`interleave`."""
+    return {d.name: [(seq, len(d.rows(seq)[1])) for seq in d.seqs()] for d in devices}
 
 
 class SimulatedInbox:
@@ -124,7 +188,7 @@ class SimulatedInbox:
         self.wire_dtype = wire_dtype
         self.compute_s = 0.0
         self.bytes_up = 0
-        self._order: Iterator[tuple[str, int]] = iter(interleave({d.name: d.seqs() for d in devices}))
+        self._order: Iterator[tuple[str, int]] = iter(interleave(plan_of(devices)))
         self._left = sum(len(d.seqs()) for d in devices)
 
     def get(self, timeout: float) -> ReceivedBatch | None:
