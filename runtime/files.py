@@ -34,3 +34,17 @@ def proc_status_mb(key: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def cpu_name() -> str:
+    """The processor's model name (what a timing holds for), e.g. 'AMD EPYC 9B14'; the architecture if unknown."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
-from sftool.runtime.files import atomic_write_text, proc_status_mb
+from sftool.runtime.files import atomic_write_text, cpu_name, proc_status_mb
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PATHS = ("ort_int8", "ort_fp32", "torch_forward", "splitlora_device", "fedlora_device")
@@ -399,7 +399,7 @@ def _machine(threads: int, loadavg_start) -> dict:
     import onnxruntime
     from sftool.runtime.onnx_model import cpu_target
 
-    info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_target": cpu_target(),
+    info = {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_name(), "cpu_target": cpu_target(),
             "cpus": os.cpu_count(), "threads": threads, "onnxruntime": onnxruntime.__version__,
             "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
     try:

@@ -4,11 +4,14 @@ error) and plots (accuracy vs samples seen, device compute, where the time went)
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from sftool.runtime.files import cpu_name
 
 
 def mean_sd_se(values: Iterable[float]) -> tuple[float, float, float, int]:
@@ -149,7 +152,7 @@ def write_report(results: list[dict], out: Path, config: Any) -> Path:
     text = [
         "# sftool experiment report",
         "",
-        f"{len(results)} runs; machine: {platform.processor() or platform.machine()}, {platform.system()}.",
+        f"{len(results)} runs; CPU: {cpu_name()} ({os.cpu_count()} cores), {platform.system()}.",
         f"Model {config.model.source}, split {config.model.split}; {config.train.devices} devices; "
         f"{config.train.epochs} epochs of samples for every method; batch {config.train.batch_size}; "
         f"LoRA r={config.lora.rank}; lr {config.optim.lr}.",

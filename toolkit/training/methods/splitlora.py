@@ -44,6 +44,8 @@ class SplitLoRA(MethodBase):
         self.device_s = 0.0
         self.bytes_up = 0
         self.bytes_down = 0
+        #: The gradient at the cut that the last step sent down to its device.
+        self.last_cut_gradient: torch.Tensor | None = None
 
     def step(self, batch: TokenBatch) -> StepResult:
         self.devices.activate(batch.device)
@@ -56,6 +58,7 @@ class SplitLoRA(MethodBase):
         def device_backward() -> None:
             nonlocal device_s
             t0 = time.perf_counter()
+            self.last_cut_gradient = cut.grad.detach()
             hidden.backward(cut.grad)
             self.optims[batch.device].update()
             device_s += time.perf_counter() - t0
