@@ -138,7 +138,6 @@ def build_path(name: str, artifacts: Path, source: str, threads: int | None, lor
         return (lambda ids, mask, labels: model.forward(ids, mask)), f"{variant.label} {variant.file}"
 
     import torch
-    from peft import TaskType, get_peft_model
     from sftool.exporters.families import adapter_for
     from sftool.exporters.model_source import load_model
     from sftool.exporters.partition import DevicePart
@@ -161,40 +160,39 @@ def build_path(name: str, artifacts: Path, source: str, threads: int | None, lor
                 return part(torch.from_numpy(ids), torch.from_numpy(mask))
 
         return forward, f"blocks 0..{split - 1}, fp32, no grad"
-    if name == "splitlora_device":
-        # Loaded with a (small) head so peft finds the blocks under their usual "model.layers.N" names.
-        base = load_model(source, head="seq_cls", num_labels=2, pad_token_id=manifest.pad_token_id)
-        adapter = adapter_for(base.config.model_type)
-        peft_model = get_peft_model(base, lora.peft_config(adapter, range(split)))
-        part = DevicePart(adapter, adapter.backbone(peft_model), split).train()
-        params = [p for p in part.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        generator = torch.Generator().manual_seed(0)
+    if name in ("splitlora_device", "fedlora_device"):
+        # The methods' own device steps (sftool.training.methods), with the training's optimizer settings.
+        from sftool.server.split_model import SplitModelSpec, SplitServerModel
+        from sftool.server.trainer import OptimSettings
+        from sftool.training.sources import TokenBatch
 
-        def train_step(ids, mask, labels):
-            optimizer.zero_grad(set_to_none=True)
-            hidden = part(torch.from_numpy(ids), torch.from_numpy(mask))
-            # The gradient the server sends back for these activations (its values do not change the cost).
-            hidden.backward(torch.randn(hidden.shape, generator=generator) * 1e-3)
-            optimizer.step()
+        model = SplitServerModel(SplitModelSpec(source, 2, [split], manifest.pad_token_id, lora,
+                                                lora_layers=range(manifest.num_layers)))
+        n_device = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
-        n = sum(p.numel() for p in params)
-        return train_step, f"blocks 0..{split - 1} + LoRA r={lora_rank} ({n:,} trainable), fwd+bwd+AdamW"
-    if name == "fedlora_device":
-        full = load_model(source, head="seq_cls", num_labels=2, pad_token_id=manifest.pad_token_id)
-        adapter = adapter_for(full.config.model_type)
-        peft_model = get_peft_model(full, lora.peft_config(adapter, task_type=TaskType.SEQ_CLS)).train()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        def tokens(ids, mask, labels) -> TokenBatch:
+            return TokenBatch("bench", 0, torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels),
+                              list(range(len(labels))))
 
-        def train_step(ids, mask, labels):
-            optimizer.zero_grad(set_to_none=True)
-            out = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels))
-            out.loss.backward()
-            optimizer.step()
+        if name == "splitlora_device":
+            from sftool.training.methods.splitlora import SplitLoRA
 
-        n = sum(p.numel() for p in params)
-        return train_step, f"all {adapter.num_layers(full.config)} blocks + LoRA r={lora_rank} + head ({n:,} trainable), fwd+bwd+AdamW"
+            method = SplitLoRA(model, split, OptimSettings(), {"bench": 1}, aggregate_every=0)
+            generator = torch.Generator().manual_seed(0)
+
+            def train_step(ids, mask, labels):
+                batch = tokens(ids, mask, labels)
+                hidden, cut = method.device_forward(batch)
+                # The gradient the server sends back for these activations (its values do not change the cost).
+                method.device_backward(batch, hidden, torch.randn(cut.shape, generator=generator) * 1e-3)
+
+            n = sum(p.numel() for p in method.devices.params)
+            return train_step, f"blocks 0..{split - 1} + LoRA r={lora_rank} ({n:,} trainable), SplitLoRA.device_forward/backward"
+        from sftool.training.methods.fedlora import FedLoRA
+
+        method = FedLoRA(model, OptimSettings(), {"bench": 1}, local_steps=10**9)
+        return (lambda ids, mask, labels: method.step(tokens(ids, mask, labels))), (
+            f"all {manifest.num_layers} blocks + LoRA r={lora_rank} + head ({n_device:,} LoRA parameters), FedLoRA.step")
     raise SftoolError(f"unknown bench path {name!r} (have: {', '.join(PATHS)})")
 
 

@@ -47,25 +47,33 @@ class SplitLoRA(MethodBase):
         #: The gradient at the cut that the last step sent down to its device.
         self.last_cut_gradient: torch.Tensor | None = None
 
-    def step(self, batch: TokenBatch) -> StepResult:
+    def device_forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device's half, forward: its LoRA in place, (activations with their graph, the cut leaf)."""
         self.devices.activate(batch.device)
-        started = time.perf_counter()
         self.model.train()
         hidden = self.model.device_forward(batch.input_ids, batch.attention_mask, self.split)
-        cut = hidden.detach().requires_grad_(True)  # what travels up; its gradient travels down
+        return hidden, hidden.detach().requires_grad_(True)  # what travels up; its gradient travels down
+
+    def device_backward(self, batch: TokenBatch, hidden: torch.Tensor, cut_gradient: torch.Tensor) -> None:
+        """The device's half, backward: the returned gradient through its blocks, its LoRA updated."""
+        hidden.backward(cut_gradient)
+        self.optims[batch.device].update()
+        self.devices.store(batch.device)
+
+    def step(self, batch: TokenBatch) -> StepResult:
+        started = time.perf_counter()
+        hidden, cut = self.device_forward(batch)
         device_s = time.perf_counter() - started
 
         def device_backward() -> None:
             nonlocal device_s
             t0 = time.perf_counter()
             self.last_cut_gradient = cut.grad.detach()
-            hidden.backward(cut.grad)
-            self.optims[batch.device].update()
+            self.device_backward(batch, hidden, cut.grad)
             device_s += time.perf_counter() - t0
 
         result = self.trainer.step_with(lambda: self.model(cut, batch.attention_mask), batch.labels,
                                         after_backward=device_backward)
-        self.devices.store(batch.device)
         result.device_s = device_s
         # fp32 activations up and their gradient down, as the reference sends them.
         result.bytes_up = result.bytes_down = cut.numel() * 4
