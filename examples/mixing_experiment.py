@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from sftool.runtime.files import free_port
+from sftool.settings import OptimSettings
 
 SFTOOL = [sys.executable, "-m", "sftool.cli"]
 RUNS = {
@@ -64,7 +65,7 @@ def one_run(name: str, spec: dict, out: Path, artifacts: Path, opts: argparse.Na
             [*SFTOOL, "serve", "--model", opts.model, "--artifacts", str(artifacts), "--bind", endpoint, "--out", str(run_dir),
              "--devices", str(devices), "--schedule", spec.get("schedule", "pipelined"), "--label-names", label_names, "--eval-data", str(shards / "eval.jsonl"),
              "--mixing", spec["mixing"], "--batch-size", "16", "--mix-capacity", str(opts.mix_capacity),
-             "--lr", str(opts.lr), "--warmup-steps", "4", "--eval-precision", spec["precision"], "--checkpoint-every", "0",
+             "--lr", str(opts.lr), "--warmup-steps", str(OptimSettings.warmup_steps), "--eval-precision", spec["precision"], "--checkpoint-every", "0",
              "--seed", str(seed)],
             stdout=logs.enter_context(open(out / f"serve-{name}.log", "w")), stderr=subprocess.STDOUT,
         )
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--split", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=OptimSettings.lr)
     parser.add_argument("--mix-capacity", type=int, default=256)
     parser.add_argument("--seeds", default="0", help="comma list; each run is repeated once per seed")
     opts = parser.parse_args()

@@ -58,7 +58,7 @@ def torch_blocked_env(tmp_path: Path) -> dict[str, str]:
 def one_line_error(result) -> str:
     """Assert a CLI result is a user error: exit code 2, exactly one `error:` line, no traceback."""
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output, result.output
     lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
     return lines[0]

@@ -30,6 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: wraps to the terminal (80 columns reads well) with the usual metavars.
+    rich_markup_mode=None,
 )
 console = Console(stderr=True, soft_wrap=True)
 
@@ -227,89 +229,82 @@ def merge(
 @app.command()
 @user_errors
 def serve(
+    config: Optional[Path] = typer.Option(None, "--config", help="Run configuration (TOML, as a run folder's run.toml); options below override it."),
     model: Optional[str] = typer.Option(None, "--model", help="The model the devices were exported from (folder, .gguf, name, hub id)."),
     artifacts: Optional[List[Path]] = typer.Option(None, "--artifacts", help="Accepted device export(s); repeat for several splits."),
-    bind: str = typer.Option("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to listen on."),
-    out: Path = typer.Option(Path("runs/latest"), "--out", help="Run folder: adapter, metrics, summary."),
-    devices: int = typer.Option(1, help="Number of devices expected; the run ends when all said BYE."),
-    num_labels: int = typer.Option(2, help="Classes of the classification head."),
-    label_names: Optional[str] = typer.Option(None, help="Comma list of class names (recorded with the run)."),
-    batch_size: int = typer.Option(16, help="Training batch size (samples drawn from the mixing buffer)."),
-    mix_capacity: int = typer.Option(256, help="Mixing buffer size in samples."),
-    mixing: str = typer.Option("mix", help="mix (uniform draws across devices) or fifo (arrival order)."),
-    schedule: str = typer.Option("pipelined", help="pipelined, or sequential (ACK only after training: classic split learning)."),
-    window: int = typer.Option(4, help="Batches a device may have in flight (its credits)."),
-    queue_size: int = typer.Option(16, help="Received batches buffered before credits are withheld."),
+    bind: Optional[str] = typer.Option(None, metavar="ENDPOINT", help="ZeroMQ endpoint to listen on (default: tcp://127.0.0.1:5555)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder: adapter, metrics, summary (default: runs/latest)."),
+    devices: Optional[int] = typer.Option(None, help="Number of devices expected; the run ends when all said BYE (default: 1)."),
+    num_labels: Optional[int] = typer.Option(None, help="Classes of the classification head (default: 2)."),
+    label_names: Optional[str] = typer.Option(None, metavar="A,B,...", help="Comma list of class names (recorded with the run)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size, drawn from the mixing buffer (default: 16)."),
+    mix_capacity: Optional[int] = typer.Option(None, help="Mixing buffer size in samples (default: 256)."),
+    mixing: Optional[str] = typer.Option(None, help="mix (uniform draws across devices) or fifo (arrival order) (default: mix)."),
+    schedule: Optional[str] = typer.Option(None, help="pipelined, or sequential (ACK only after training) (default: pipelined)."),
+    window: Optional[int] = typer.Option(None, help="Batches a device may have in flight (its credits) (default: 4)."),
+    queue_size: Optional[int] = typer.Option(None, help="Received batches buffered before credits are withheld (default: 16)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many training steps."),
     max_samples: Optional[int] = typer.Option(None, help="Stop after training on this many samples."),
-    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
-    warmup_steps: int = typer.Option(0, help="Linear learning-rate warm-up steps."),
-    lora_rank: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    lora_targets: Optional[str] = typer.Option(None, help="Comma list of module names (default: per family)."),
-    device_timeout: float = typer.Option(120.0, help="Seconds of device silence before it counts as gone."),
-    pace: bool = typer.Option(True, "--pace/--no-pace", help="Pace credits by each device's data size so all finish together (keeps the label mix steady)."),
-    seed: int = typer.Option(0, help="Random seed (mixing draws, head initialisation)."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default: 5e-4)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear learning-rate warm-up steps (default: 4)."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default: 8)."),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha (default: 16)."),
+    lora_dropout: Optional[float] = typer.Option(None, help="LoRA dropout (default: 0.05)."),
+    lora_targets: Optional[str] = typer.Option(None, metavar="A,B,...", help="Comma list of module names (default: per family)."),
+    device_timeout: Optional[float] = typer.Option(None, help="Seconds of device silence before it counts as gone (default: 120)."),
+    pace: Optional[bool] = typer.Option(None, "--pace/--no-pace", help="Pace credits by each device's data size so all finish together (default: pace)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: mixing draws, head initialisation (default: 0)."),
     threads: Optional[int] = typer.Option(None, help="torch threads."),
     eval_data: Optional[Path] = typer.Option(None, help="Held-out JSONL/CSV evaluated before, during and after training."),
-    eval_every: int = typer.Option(0, help="Evaluate every N steps (0: only before and after)."),
-    eval_precision: str = typer.Option("fp32", help="Device variant used for evaluation: fp32, int8 or auto."),
-    text_field: str = typer.Option("text", help="Text field(s) of --eval-data."),
-    label_field: str = typer.Option("label", help="Label field of --eval-data."),
-    checkpoint_every: int = typer.Option(50, help="Checkpoint every N steps (and always at the end or on SIGTERM)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its latest checkpoint, with its options."),
-    log_samples: bool = typer.Option(False, help="Record every trained sample's (device, epoch, id) in metrics.jsonl."),
-    cache_activations: bool = typer.Option(False, help="Keep activations on disk (fp16); devices send epoch 0 only, later epochs replay."),
-    cache_max_gb: float = typer.Option(4.0, help="Disk budget of the activation cache."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (0: only before and after)."),
+    eval_precision: Optional[str] = typer.Option(None, help="Device variant used for evaluation: fp32, int8 or auto (default: fp32)."),
+    text_field: Optional[str] = typer.Option(None, metavar="FIELD,...", help="Text field(s) of --eval-data (default: text)."),
+    label_field: Optional[str] = typer.Option(None, metavar="FIELD", help="Label field of --eval-data (default: label)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps, and always at the end or on SIGTERM (default: 50)."),
+    resume: Optional[Path] = typer.Option(None, metavar="RUNDIR", help="Continue the run in this folder from its latest checkpoint, with its settings."),
+    log_samples: Optional[bool] = typer.Option(None, "--log-samples", help="Record every trained sample's (device, epoch, id) in metrics.jsonl."),
+    cache_activations: Optional[bool] = typer.Option(None, "--cache-activations", help="Keep activations on disk (fp16); devices send epoch 0 only."),
+    cache_max_gb: Optional[float] = typer.Option(None, help="Disk budget of the activation cache (default: 4)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
     from dataclasses import replace
 
+    from sftool.run_config import load_run_config
     from sftool.server.serve import ServeOptions, load_run_options
     from sftool.server.serve import serve as run_serve
-    from sftool.server.split_model import LoraSettings
-    from sftool.server.trainer import OptimSettings
 
     _setup_logging(verbose)
-    if resume is None and (model is None or not artifacts):
-        raise SftoolError("--model and --artifacts are required (unless --resume RUNDIR)")
     names = _split_list(label_names)
-    if names:
-        num_labels = len(names)
-    opts = ServeOptions(
-        source=model or "",
-        artifacts=artifacts or [],
-        bind=bind,
-        out=out,
-        num_labels=num_labels,
-        label_names=names,
-        devices=devices,
-        batch_size=batch_size,
-        mix_capacity=mix_capacity,
-        mixing=mixing,
-        schedule=schedule,
-        window=window,
-        queue_size=queue_size,
-        max_steps=max_steps,
-        max_samples=max_samples,
-        device_timeout_s=device_timeout,
-        pace=pace,
-        seed=seed,
-        lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_list(lora_targets)),
-        optim=OptimSettings(lr=lr, warmup_steps=warmup_steps),
-        threads=threads,
-        eval_data=eval_data,
-        eval_text_fields=_split_list(text_field) or ["text"],
-        eval_label_field=label_field,
-        eval_every=eval_every,
-        eval_precision=eval_precision,
-        checkpoint_every=checkpoint_every,
-        log_samples=log_samples,
-        cache_activations=cache_activations,
-        cache_max_gb=cache_max_gb,
-    ) if resume is None else replace(load_run_options(resume), resume=True, bind=bind)
+    given = {
+        "source": model, "artifacts": artifacts or None, "bind": bind, "out": out, "devices": devices,
+        "num_labels": len(names) if names else num_labels, "label_names": names, "batch_size": batch_size,
+        "mix_capacity": mix_capacity, "mixing": mixing, "schedule": schedule, "window": window, "queue_size": queue_size,
+        "max_steps": max_steps, "max_samples": max_samples, "device_timeout_s": device_timeout, "pace": pace,
+        "seed": seed, "threads": threads, "eval_data": eval_data, "eval_text_fields": _split_list(text_field),
+        "eval_label_field": label_field, "eval_every": eval_every, "eval_precision": eval_precision,
+        "checkpoint_every": checkpoint_every, "log_samples": log_samples, "cache_activations": cache_activations,
+        "cache_max_gb": cache_max_gb,
+    }
+    lora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": _split_list(lora_targets)}
+    optim = {"lr": lr, "warmup_steps": warmup_steps}
+    if resume is not None:
+        opts = replace(load_run_options(resume), resume=True)
+    else:
+        opts = ServeOptions(source="", artifacts=[])
+        if config is not None:
+            opts = load_run_config(config, opts)
+    # Options given on the command line override the configuration (or the resumed run's settings).
+    opts = replace(
+        opts,
+        **{k: v for k, v in given.items() if v is not None},
+        lora=replace(opts.lora, **{k: v for k, v in lora.items() if v is not None}),
+        optim=replace(opts.optim, **{k: v for k, v in optim.items() if v is not None}),
+    )
+    if resume is not None:
+        opts = replace(opts, out=Path(resume))
+    if not opts.source or not opts.artifacts:
+        raise SftoolError("--model and --artifacts are required (or --config FILE, or --resume RUNDIR)")
 
     def show(p) -> None:
         console.print(
@@ -319,14 +314,14 @@ def serve(
             highlight=False,
         )
 
-    summary = run_serve(opts, on_progress=show, log_line=lambda m: console.print(f"[dim]serve:[/] {m}", highlight=False))
+    summary = run_serve(opts, on_progress=show, log_line=lambda m: console.print(f"[dim]serve:[/] {escape(m)}", highlight=False))
     _print_summary(summary)
 
 
 @app.command()
 @user_errors
 def evaluate(
-    run: Path = typer.Argument(..., help="A run folder written by `sftool serve`."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by `sftool serve`."),
     precision: str = typer.Option("fp32", help="Device variant that computes the activations: fp32, int8 or auto."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL/CSV to evaluate on (default: the run's --eval-data)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
@@ -348,7 +343,7 @@ def evaluate(
 @app.command()
 @user_errors
 def experiment(
-    config: Optional[Path] = typer.Argument(None, help="Sweep configuration (TOML); every entry has a default."),
+    config: Optional[Path] = typer.Argument(None, metavar="CONFIG.toml", help="Sweep configuration (TOML); every entry has a default."),
     out: Path = typer.Option(Path("runs/experiment"), "--out", help="Sweep folder: results.jsonl, report.md, plots."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE", help="Override a config entry (repeatable)."),
     keep_runs: bool = typer.Option(False, help="Keep each run's folder (adapter, metrics) under OUT/runs."),
@@ -412,8 +407,26 @@ else:
     app.command("demo")(user_errors(demo_command))
 
 
+_METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT"}
+
+
+def _usual_metavars(command) -> None:
+    """The usual metavars (N, X, PATH, TEXT) where an option names none: this typer prints
+    ``<int>`` and ``<list[Path]>``, which read poorly in a terminal."""
+    for param in getattr(command, "params", []):
+        option = getattr(param, "param_type_name", "") == "option"
+        if option and param.metavar is None and not getattr(param, "is_flag", False) and hasattr(param, "bare_type"):
+            name = param.bare_type().removeprefix("list[").removesuffix("]")
+            if name in _METAVARS:
+                param.metavar = _METAVARS[name]
+    for sub in getattr(command, "commands", {}).values():
+        _usual_metavars(sub)
+
+
 def main() -> None:
-    app()
+    command = typer.main.get_command(app)
+    _usual_metavars(command)
+    command()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from sftool.errors import SftoolError
 from sftool.runtime.files import atomic_write_text, free_port
+from sftool.settings import LoraSettings, OptimSettings
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -485,11 +486,11 @@ def demo_command(
     balance: bool = typer.Option(True, "--balance/--no-balance",
                                  help="Scale device batch sizes with shard sizes so all streams end together."),
     mix_capacity: int = typer.Option(256, "--mix-capacity", help="Server mixing buffer, in samples."),
-    lr: float = typer.Option(5e-4, "--lr", help="AdamW learning rate (LoRA + head)."),
-    warmup_steps: int = typer.Option(4, "--warmup-steps", help="Linear warm-up steps."),
-    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, "--lora-alpha", help="LoRA alpha."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
+    lr: float = typer.Option(OptimSettings.lr, "--lr", help="AdamW learning rate (LoRA + head)."),
+    warmup_steps: int = typer.Option(OptimSettings.warmup_steps, "--warmup-steps", help="Linear warm-up steps."),
+    lora_rank: int = typer.Option(LoraSettings.rank, "--lora-rank", help="LoRA rank."),
+    lora_alpha: int = typer.Option(LoraSettings.alpha, "--lora-alpha", help="LoRA alpha."),
+    lora_dropout: float = typer.Option(LoraSettings.dropout, "--lora-dropout", help="LoRA dropout."),
     lora_targets: str | None = typer.Option(None, "--lora-targets", help="Comma list of modules (default: per family)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the partition and of the server."),
     zero_shot_eval: bool = typer.Option(True, "--zero-shot/--no-zero-shot",

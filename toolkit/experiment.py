@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import tomllib
 from sftool.errors import SftoolError
+from sftool.settings import LoraSettings, OptimSettings
 
 METHODS = ("splitfrozen", "splitlora", "fedlora", "ffa", "centralized", "centralized-all")
 RESULTS = "results.jsonl"
@@ -66,22 +67,6 @@ class TrainSettings:
 
 
 @dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: list[str] | None = None
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    warmup_steps: int = 4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-
-
-@dataclass
 class SplitLoraConfig:
     aggregate_every: int = 100
     weighted: bool = False
@@ -97,8 +82,8 @@ class ExperimentConfig:
     sweep: SweepSettings = field(default_factory=SweepSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
     splitlora: SplitLoraConfig = field(default_factory=SplitLoraConfig)
     fedlora: FedLoraConfig = field(default_factory=FedLoraConfig)
 
@@ -259,8 +244,7 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     from sftool.runtime.local_data import TextEncoder, read_examples
     from sftool.runtime.manifest import load_manifest
     from sftool.server.checkpoint import TrainingProgress
-    from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
-    from sftool.server.trainer import OptimSettings
+    from sftool.server.split_model import SplitModelSpec, SplitServerModel
     from sftool.training.ledger import Ledger
     from sftool.training.loop import Budget, TrainingLoop
     from sftool.training.run_logger import RunLogger
@@ -289,8 +273,7 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     torch.manual_seed(key.seed)
     random.seed(key.seed)
     k = cfg.model.split
-    lora = LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-    optim = OptimSettings(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.max_grad_norm)
+    lora, optim = cfg.lora, cfg.optim
     device_side = key.method in ("splitlora", "fedlora", "ffa", "centralized-all")
     model = SplitServerModel(SplitModelSpec(ws.source(), task, [k], manifest.pad_token_id, lora,
                                             lora_layers=range(manifest.num_layers) if device_side else None))
@@ -346,8 +329,6 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
     from sftool.runtime.local_data import TextEncoder, read_examples
     from sftool.runtime.manifest import load_manifest
     from sftool.server.serve import ServeOptions, serve_in_process
-    from sftool.server.split_model import LoraSettings
-    from sftool.server.trainer import OptimSettings
     from sftool.training.run_logger import read_metrics
     from sftool.training.sources import SimulatedDevice
 
@@ -367,8 +348,7 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
             source=ws.source(), artifacts=[artifacts], out=out, num_labels=len(label_names), label_names=label_names,
             devices=len(shard_examples), batch_size=cfg.train.batch_size, mix_capacity=cfg.train.mix_capacity,
             max_samples=cfg.train.epochs * n_train, seed=key.seed,
-            lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets),
-            optim=OptimSettings(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.max_grad_norm),
+            lora=cfg.lora, optim=cfg.optim,
             threads=cfg.train.threads, eval_data=folder / "eval.jsonl",
             eval_every=max(1, steps_total // cfg.train.evals) if cfg.train.evals else 0,
             eval_precision=key.precision, checkpoint_every=0,

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 from sftool.errors import SftoolError
+from sftool.run_config import RUN_CONFIG, load_run_config, write_run_config
 from sftool.run_folder import read_run_record, write_run_record, write_summary
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
@@ -411,6 +412,7 @@ def _drive(opts: ServeOptions, stream: StreamTrainer, accepted, start: Callable[
         eval_before = stream.evals[0] if stream.evals else None
     else:
         write_run_record(out, _run_record(opts, accepted))
+        write_run_config(out, opts)
         eval_before = stream.evaluate(log_line)
     start()
     restore_signal = _stop_on_sigterm(stream)
@@ -452,14 +454,17 @@ def _stop_on_sigterm(stream: StreamTrainer) -> Callable[[], None]:
 
 
 def load_run_options(run_dir: Path) -> ServeOptions:
-    """The options a run was started with (from its run.json), to resume it."""
-    record = read_run_record(run_dir)
+    """The settings a run was started with: its run.toml (or, for older runs, run.json), to resume it."""
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)  # also: is this a run folder at all
+    if (run_dir / RUN_CONFIG).is_file():
+        return replace(load_run_config(run_dir / RUN_CONFIG, ServeOptions(source="", artifacts=[])), out=run_dir)
     o = dict(record["options"])
     o["lora"] = LoraSettings(**o["lora"])
     o["optim"] = OptimSettings(**o["optim"])
     o["artifacts"] = [Path(p) for p in record["artifacts"]]
     o["label_names"] = record.get("label_names")
-    o["out"] = Path(run_dir)
+    o["out"] = run_dir
     for key in ("eval_data",):
         if o.get(key):
             o[key] = Path(o[key])

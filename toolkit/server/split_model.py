@@ -22,33 +22,11 @@ from sftool.errors import SftoolError
 from sftool.exporters.families import adapter_for
 from sftool.exporters.model_source import load_model
 from sftool.exporters.partition import BlockRunner, DevicePart, check_split, weights_fingerprint
+from sftool.settings import LoraSettings
 from sftool.training.task import ClassificationTask, Task, last_token_index
 from torch import nn
 
 __all__ = ["LoraSettings", "SplitModelSpec", "SplitServerModel", "last_token_index"]
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    #: None: the family's default target modules.
-    targets: Sequence[str] | None = None
-
-    def peft_config(self, adapter, layers: Sequence[int] | None = None, task_type=None):
-        """The peft LoraConfig for a model of ``adapter``'s family (LoRA on ``layers``, default all)."""
-        from peft import LoraConfig
-
-        return LoraConfig(
-            task_type=task_type,
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.targets or adapter.default_lora_targets),
-            layers_to_transform=None if layers is None else list(layers),
-            fan_in_fan_out=adapter.lora_fan_in_fan_out,
-        )
 
 
 @dataclass

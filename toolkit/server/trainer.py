@@ -16,15 +16,8 @@ from typing import Callable
 
 import torch
 from sftool.server.mixing import TrainBatch
+from sftool.settings import OptimSettings
 from sftool.training.task import ClassificationTask, Task
-
-
-@dataclass
-class OptimSettings:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
 
 
 @dataclass
