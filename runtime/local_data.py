@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
@@ -24,27 +25,125 @@ class Example:
     label: int
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise SftoolError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
+_INT_RE = re.compile(r"-?\d+")
+
+
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """Every row of a JSONL (``.jsonl``, ``.json``, ``.ndjson``) or CSV/TSV file, with where it
+    stands (``line N``) for error messages. The one reader of user files, on devices and servers."""
+    p = Path(path)
+    if not p.is_file():
+        raise SftoolError(f"no such data file: {p}")
+    suffix = p.suffix.lower()
     try:
-        if suffix in (".jsonl", ".json"):
-            rows = []
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise SftoolError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            return rows
-        if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            rows = list(_jsonl_rows(p))
+        elif suffix in (".csv", ".tsv"):
+            rows = list(_csv_rows(p, "\t" if suffix == ".tsv" else ","))
+        else:
+            raise SftoolError(f"{p}: unsupported format {suffix or '(no suffix)'}; use .jsonl or .csv")
     except UnicodeDecodeError:
-        raise SftoolError(f"{path} is not UTF-8 text") from None
-    raise SftoolError(f"{path}: unsupported data format {suffix!r} (use .jsonl or .csv)")
+        raise SftoolError(f"{p} is not UTF-8 text") from None
+    if not rows:
+        raise SftoolError(f"{p} holds no rows")
+    return rows
+
+
+def _jsonl_rows(p: Path) -> Iterator[tuple[str, dict]]:
+    with open(p, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SftoolError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SftoolError(f"{p}:{n}: expected a JSON object per line")
+            yield f"line {n}", row
+
+
+def _csv_rows(p: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    with open(p, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if not reader.fieldnames:
+            raise SftoolError(f"{p}: no header row")
+        for row in reader:
+            yield f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
+
+
+def as_int(v: Any) -> int | None:
+    """An integer label or id (ints, integral floats, strings of digits), else None."""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and _INT_RE.fullmatch(v.strip()):
+        return int(v.strip())
+    return None
+
+
+def labels_to_ids(raw: Sequence[Any], label_names: Sequence[str] | None, where: Path) -> tuple[list[int], list[str]]:
+    """Label ids and names: names map through ``label_names`` (a value naming a label wins over
+    reading it as an id); without names, integer labels are ids and other strings are numbered in
+    sorted order. Every reader of labels in sftool goes through here, so ids always agree."""
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names) or not names:
+            raise SftoolError(f"label names must be distinct and non-empty: {names}")
+        index = {n: i for i, n in enumerate(names)}
+        out = []
+        for v in raw:
+            i = index.get(str(v).strip()) if not isinstance(v, (int, float)) else None
+            i = i if i is not None else as_int(v)
+            if i is None or not 0 <= i < len(names):
+                raise SftoolError(f"{where}: label {v!r} is not one of {names}")
+            out.append(i)
+        return out, names
+    as_ints = [as_int(v) for v in raw]
+    if all(i is not None for i in as_ints):
+        if min(as_ints) < 0:
+            raise SftoolError(f"{where}: integer labels must be >= 0 (found {min(as_ints)})")
+        return as_ints, [str(i) for i in range(max(as_ints) + 1)]
+    names = sorted({str(v).strip() for v in raw})
+    index = {n: i for i, n in enumerate(names)}
+    return [index[str(v).strip()] for v in raw], names
+
+
+def read_labelled(
+    path: Path,
+    text_fields: Sequence[str] = ("text",),
+    label_field: str = "label",
+    id_field: str = "id",
+    label_names: Sequence[str] | None = None,
+) -> tuple[list[Example], list[str]]:
+    """Labelled examples of a JSONL/CSV file and the label names (see ``labels_to_ids``).
+
+    Several text fields are joined with a newline (sentence pairs). A row's ``id_field``, when
+    present, is its sample id (an integer); otherwise the 0-based row number is.
+    """
+    if not text_fields:
+        raise SftoolError("give at least one text field (--text-field)")
+    rows = read_rows(Path(path))
+    texts, raw_labels, ids = [], [], []
+    for i, (where, row) in enumerate(rows):
+        for f in (*text_fields, label_field):
+            if f not in row or row[f] is None:
+                have = ", ".join(map(str, row)) or "nothing"
+                raise SftoolError(f"{path}:{where}: no field {f!r} (row has {have})")
+        texts.append("\n".join(str(row[f]) for f in text_fields))
+        raw_labels.append(row[label_field])
+        raw_id = row.get(id_field)
+        sample_id = i if raw_id in (None, "") else as_int(raw_id)
+        if sample_id is None:
+            raise SftoolError(f"{path}:{where}: sample id {raw_id!r} in field {id_field!r} is not an integer")
+        ids.append(sample_id)
+    if len(set(ids)) != len(ids):
+        raise SftoolError(f"{path}: sample ids in field {id_field!r} are not unique")
+    labels, names = labels_to_ids(raw_labels, label_names, Path(path))
+    return [Example(s, t, y) for s, t, y in zip(ids, texts, labels)], names
 
 
 def read_examples(
@@ -54,37 +153,8 @@ def read_examples(
     id_field: str = "id",
     label_names: Sequence[str] | None = None,
 ) -> list[Example]:
-    """Read labelled examples from a JSONL or CSV file.
-
-    Several text fields are joined with a newline (e.g. sentence pairs). Labels are integer
-    ids, or names mapped through ``label_names``. Rows without ``id_field`` get their row index.
-    """
-    rows = _read_rows(Path(path))
-    if not rows:
-        raise SftoolError(f"{path} holds no rows")
-    name_to_id = {name: i for i, name in enumerate(label_names or [])}
-    examples = []
-    for i, row in enumerate(rows):
-        missing = [f for f in (*text_fields, label_field) if f not in row]
-        if missing:
-            raise SftoolError(f"{path}: row {i} lacks field(s) {missing} (have {sorted(row)})")
-        raw_label = row[label_field]
-        if isinstance(raw_label, str) and raw_label in name_to_id:
-            label = name_to_id[raw_label]
-        else:
-            try:
-                label = int(raw_label)
-            except (TypeError, ValueError):
-                raise SftoolError(
-                    f"{path}: row {i} label {raw_label!r} is not an integer; pass the label names to map it"
-                ) from None
-        sample_id = int(row[id_field]) if id_field in row and row[id_field] != "" else i
-        text = "\n".join(str(row[f]) for f in text_fields)
-        examples.append(Example(sample_id, text, label))
-    ids = [e.sample_id for e in examples]
-    if len(set(ids)) != len(ids):
-        raise SftoolError(f"{path}: sample ids in field {id_field!r} are not unique")
-    return examples
+    """``read_labelled`` without the names: what a device or an evaluation reads."""
+    return read_labelled(path, text_fields, label_field, id_field, label_names)[0]
 
 
 class TextEncoder:

@@ -33,7 +33,7 @@ def test_device_bad_data_file(tiny_artifacts, tmp_path):
     bad.write_text('{"text": "w1 w2"}\n')
     err = one_line_error(run_cli("device", "--artifacts", tiny_artifacts("gpt2"), "--connect", "tcp://127.0.0.1:1",
                                  "--data", bad, "--device-id", "d"))
-    assert "lacks field" in err
+    assert "no field" in err
 
 
 def test_device_without_a_server_gives_up_cleanly(tiny_artifacts, tmp_path, free_port):

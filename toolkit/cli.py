@@ -16,6 +16,12 @@ import sys
 # one SmolLM2 training step took 38 s with 2 spinning torch threads next to other busy processes,
 # 2.8 s with passive waiting (1 thread: 2.5 s). It must be set before torch loads its runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Dependencies' own progress bars and chatter (tqdm bars while a GGUF converts, transformers and
+# exporter notices) are not for the user's screen: sftool prints its own progress lines.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -423,7 +429,19 @@ def _usual_metavars(command) -> None:
         _usual_metavars(sub)
 
 
+def _quiet_libraries() -> None:
+    """Library warnings (deprecations, tracer notices) off the screen unless SFTOOL_SHOW_WARNINGS is set."""
+    if os.environ.get("SFTOOL_SHOW_WARNINGS"):
+        return
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "torch.onnx", "onnxscript", "optimum", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
+    _quiet_libraries()
     command = typer.main.get_command(app)
     _usual_metavars(command)
     command()

@@ -49,12 +49,10 @@ prompt for a decoder model), ``{"id", "text", "question", "answer", "short_answe
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import math
 import os
-import re
 import string
 import tempfile
 from collections import Counter
@@ -64,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sftool.runtime.local_data import read_labelled, read_rows
 
 from .assets import ASSETS, assets_dir
 from .errors import SftoolError
@@ -147,6 +146,10 @@ def builtin(name: str) -> Builtin:
 def _asset_file(name: str, root: Path | None) -> Path:
     asset = ASSETS[builtin(name).asset]
     path = (root or assets_dir()) / asset.files[0].member
+    if not path.is_file() and root is None:
+        from .assets import fetch
+
+        fetch([asset.name])  # on first need, with progress lines; pinned by size and sha256
     if not path.is_file():
         raise SftoolError(f"data set {name} is not in the cache ({path}); run: sftool assets fetch --only {asset.name}")
     return path
@@ -323,106 +326,19 @@ def load_split(name: str, root: Path | None = None, eval_fraction: float = EVAL_
 
 # ---------------------------------------------------------------------------------------- user data
 
-_INT_RE = re.compile(r"-?\d+")
-
-
 def load_user_data(
     path: str | os.PathLike,
     text_fields: Sequence[str],
     label_field: str,
     label_names: Sequence[str] | None = None,
 ) -> tuple[list[Example], list[str]]:
-    """Read a JSONL or CSV file into ``{"id", "text", "label"}`` examples; return them and the label names.
+    """A JSONL or CSV file as ``{"id", "text", "label"}`` examples, and the label names.
 
-    ``id`` is the 0-based row number. Several ``text_fields`` are joined with a newline. Integer
-    labels (or strings of digits) are kept as ids; other string labels are mapped to ids in the
-    order of ``label_names`` when given, else in sorted order.
+    Read by the one reader of user files (``sftool.runtime.local_data.read_labelled``), so the
+    ids and label ids here are the ones a device reading the same file uses.
     """
-    p = Path(path)
-    if not text_fields:
-        raise SftoolError("give at least one text field (--text-field)")
-    if not p.is_file():
-        raise SftoolError(f"no such data file: {p}")
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = list(_read_jsonl_rows(p))
-    elif suffix in (".csv", ".tsv"):
-        rows = list(_read_csv_rows(p, "\t" if suffix == ".tsv" else ","))
-    else:
-        raise SftoolError(f"{p}: unsupported format {suffix or '(no suffix)'}; use .jsonl or .csv")
-    if not rows:
-        raise SftoolError(f"{p} holds no rows")
-
-    texts, raw_labels = [], []
-    for where, row in rows:
-        for f in (*text_fields, label_field):
-            if f not in row or row[f] is None:
-                have = ", ".join(map(str, row)) or "nothing"
-                raise SftoolError(f"{p}:{where}: no field {f!r} (row has {have})")
-        texts.append("\n".join(str(row[f]) for f in text_fields))
-        raw_labels.append(row[label_field])
-    ids, names = _labels_to_ids(raw_labels, label_names, p)
-    return [{"id": i, "text": t, "label": y} for i, (t, y) in enumerate(zip(texts, ids))], names
-
-
-def _read_jsonl_rows(p: Path) -> Iterable[tuple[str, dict]]:
-    with open(p, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SftoolError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SftoolError(f"{p}:{n}: expected a JSON object per line")
-            yield f"line {n}", row
-
-
-def _read_csv_rows(p: Path, delimiter: str) -> Iterable[tuple[str, dict]]:
-    with open(p, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise SftoolError(f"{p}: no header row")
-        for row in reader:
-            yield f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
-
-
-def _as_int(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and _INT_RE.fullmatch(v.strip()):
-        return int(v.strip())
-    return None
-
-
-def _labels_to_ids(raw: Sequence[Any], label_names: Sequence[str] | None, p: Path) -> tuple[list[int], list[str]]:
-    if label_names is not None:
-        names = [str(n) for n in label_names]
-        if len(set(names)) != len(names) or not names:
-            raise SftoolError(f"label names must be distinct and non-empty: {names}")
-        index = {n: i for i, n in enumerate(names)}
-        out = []
-        for v in raw:
-            # A value that names a label wins over reading it as an id ("0"/"1" names stay names).
-            i = index.get(str(v).strip()) if not isinstance(v, (int, float)) else None
-            i = i if i is not None else _as_int(v)
-            if i is None or not 0 <= i < len(names):
-                raise SftoolError(f"{p}: label {v!r} is not one of {names}")
-            out.append(i)
-        return out, names
-    as_ints = [_as_int(v) for v in raw]
-    if all(i is not None for i in as_ints):
-        if min(as_ints) < 0:
-            raise SftoolError(f"{p}: integer labels must be >= 0 (found {min(as_ints)})")
-        return as_ints, [str(i) for i in range(max(as_ints) + 1)]
-    names = sorted({str(v).strip() for v in raw})
-    index = {n: i for i, n in enumerate(names)}
-    return [index[str(v).strip()] for v in raw], names
+    examples, names = read_labelled(Path(path), text_fields, label_field, label_names=label_names)
+    return [{"id": e.sample_id, "text": e.text, "label": e.label} for e in examples], names
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -439,7 +355,7 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> Path:
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
     """Read a file written by :func:`write_jsonl`."""
-    return [row for _, row in _read_jsonl_rows(Path(path))]
+    return [row for _, row in read_rows(Path(path))]
 
 
 def write_label_map(label_names: Sequence[str], path: str | os.PathLike,

@@ -36,6 +36,8 @@ from sftool.settings import LoraSettings, OptimSettings
 
 METHODS = ("splitfrozen", "splitlora", "fedlora", "ffa", "centralized", "centralized-all")
 RESULTS = "results.jsonl"
+#: How often a long run says where it is.
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass
@@ -295,7 +297,13 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     every = max(1, steps_total // max(1, cfg.train.evals)) if cfg.train.evals else 0
     loop = TrainingLoop(method, source, ledger, logger, progress, budget, eval_every=every, evaluate=evaluate)
     started = time.perf_counter()
-    reason = loop.run()
+
+    def show() -> None:
+        r = loop.stats.last_step
+        ws.log(f"  {key.id}: step {progress.step}/~{steps_total}, {progress.samples_trained} samples"
+               + (f", loss {r.loss:.4f}" if r else ""))
+
+    reason = loop.run(show, progress_every_s=PROGRESS_EVERY_S)
     method.finish()
     wall = time.perf_counter() - started
     final = evaluate_fn()
@@ -354,7 +362,11 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
             eval_precision=key.precision, checkpoint_every=0,
         )
         devices = [SimulatedDevice(d, ex, cfg.train.device_batch_size, cfg.train.epochs) for d, ex in shard_examples.items()]
-        summary = serve_in_process(opts, devices, key.precision, log_line=lambda m: None)
+        def show(p) -> None:
+            ws.log(f"  {key.id}: step {p.steps}/~{steps_total}, {p.samples} samples, loss {p.loss:.4f}")
+
+        summary = serve_in_process(opts, devices, key.precision, on_progress=show, log_line=lambda m: None,
+                                   progress_every_s=PROGRESS_EVERY_S)
         losses = [r["loss"] for r in read_metrics(out) if "loss" in r and "eval" not in r]
     encoder = TextEncoder(artifacts / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
     from sftool.exporters.model_source import load_config

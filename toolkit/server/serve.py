@@ -378,6 +378,7 @@ def serve_in_process(
     precision: str = "fp32",
     on_progress: Callable[[Progress], None] | None = None,
     log_line: Callable[[str], None] = print,
+    progress_every_s: float = 2.0,
 ) -> dict:
     """``serve`` with its devices simulated in this process: each runs the exported ONNX of the
     split over its shard, with the batch plan and the wire cast of ``sftool device``, and its
@@ -396,7 +397,7 @@ def serve_in_process(
             d.make_plan(encoder)
     inbox = SimulatedInbox(devices, device_model, encoder, manifest.split)
     stream = StreamTrainer(replace(opts, devices=len(devices)), model, inbox, evaluator)
-    summary = _drive(opts, stream, accepted, lambda: None, lambda reason: None, on_progress, log_line)
+    summary = _drive(opts, stream, accepted, lambda: None, lambda reason: None, on_progress, log_line, progress_every_s)
     summary["device_compute_s"] = inbox.compute_s
     summary["bytes_received"] = inbox.bytes_up
     write_summary(out, summary)
@@ -404,7 +405,7 @@ def serve_in_process(
 
 
 def _drive(opts: ServeOptions, stream: StreamTrainer, accepted, start: Callable[[], None], stop: Callable[[str], None],
-           on_progress, log_line: Callable[[str], None]) -> dict:
+           on_progress, log_line: Callable[[str], None], progress_every_s: float = 2.0) -> dict:
     """Evaluate, train, evaluate; then, however the run ends, checkpoint, save the adapter, summarize."""
     out = Path(opts.out)
     if opts.resume:
@@ -420,7 +421,7 @@ def _drive(opts: ServeOptions, stream: StreamTrainer, accepted, start: Callable[
     ended: float | None = None
     reason = "interrupted"
     try:
-        reason = stream.run(on_progress, log_line=log_line)
+        reason = stream.run(on_progress, progress_every_s, log_line=log_line)
         if reason != "terminated" and (not stream.evals or stream.evals[-1]["step"] != stream.trainer.step_count):
             stream.evaluate(log_line)
         ended = time.perf_counter()
