@@ -438,7 +438,8 @@ def _token_eval(logits_fn, model, task, encoder, examples, batch_size: int = 32)
         score = Score()
         with torch.no_grad():
             for (ids, mask), labels in encoded:
-                score.add(task.score(logits_fn(torch.from_numpy(ids), torch.from_numpy(mask)), labels))
+                at = model.device
+                score.add(task.score(logits_fn(torch.from_numpy(ids).to(at), torch.from_numpy(mask).to(at)), labels.to(at)))
         model.train(was)
         return {"accuracy": score.accuracy, "loss": score.loss, "n": score.count, "seconds": time.perf_counter() - started}
 

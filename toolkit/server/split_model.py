@@ -89,6 +89,11 @@ class SplitServerModel(nn.Module):
                 block.eval()
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: batches are moved there."""
+        return next(self.parameters()).device
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -258,8 +258,9 @@ class MixedActivations:
                     hidden, label = self.cache.get(device, sample_id)
                     self.samples_replayed += 1
                     n = hidden.shape[0]
-                    return Sample(torch.from_numpy(hidden.astype("float32")), torch.ones(n, dtype=torch.long), label,
-                                  device, sample_id, self._replay_epoch, -1)
+                    at = self.model.device
+                    return Sample(torch.from_numpy(hidden.astype("float32")).to(at), torch.ones(n, dtype=torch.long, device=at),
+                                  label, device, sample_id, self._replay_epoch, -1)
                 self._replay = None
             later = sorted({e for epochs in list(self._replay_epochs.values()) for e in epochs if e > self._replay_epoch})
             if not later:
@@ -281,11 +282,8 @@ class MixedActivations:
         self.ledger.expect(b.device, b.seq, len(keep))
         if not keep:
             return
-        device = self.model.device if hasattr(self.model, "device") else None
-        hidden = torch.from_numpy(b.hidden[keep].astype("float32"))  # fp16 on the wire, fp32 to train
-        mask = torch.from_numpy(b.attention_mask[keep].astype("int64"))
-        if device is not None:
-            hidden, mask = hidden.to(device), mask.to(device)
+        hidden = torch.from_numpy(b.hidden[keep].astype("float32")).to(self.model.device)  # fp16 on the wire, fp32 to train
+        mask = torch.from_numpy(b.attention_mask[keep].astype("int64")).to(self.model.device)
         hidden = self.model.catch_up(hidden, mask, item.split)
         lengths = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(-1).tolist()  # to the last real token
         if self.cache is not None and b.device in self._replay_epochs:
@@ -346,6 +344,11 @@ class TokenBatch:
     @property
     def keys(self) -> list[SampleKey]:
         return [SampleKey(self.device, self.epoch, s) for s in self.sample_ids]
+
+    def to(self, device: torch.device) -> TokenBatch:
+        """The same batch with its tensors on ``device`` (the model's)."""
+        return TokenBatch(self.device, self.epoch, self.input_ids.to(device), self.attention_mask.to(device),
+                          self.labels.to(device), self.sample_ids)
 
 
 def rounds(devices: Sequence[SimulatedDevice], num_rounds: int, local_steps: int) -> list[tuple[str, int]]:

@@ -26,6 +26,7 @@ class Centralized(MethodBase):
         self.bytes_down = 0
 
     def step(self, batch: TokenBatch) -> StepResult:
+        batch = batch.to(self.model.device)
         return self.trainer.step_with(lambda: self.model.full_forward(batch.input_ids, batch.attention_mask), batch.labels)
 
     @torch.no_grad()

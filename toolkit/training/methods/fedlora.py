@@ -60,6 +60,7 @@ class FedLoRA(MethodBase):
     def step(self, batch: TokenBatch) -> StepResult:
         if batch.device != self._client:
             self._switch(batch.device)
+        batch = batch.to(self.model.device)
         t0 = time.perf_counter()
         result = self.trainer.step_with(lambda: self.model.full_forward(batch.input_ids, batch.attention_mask), batch.labels)
         result.device_s = time.perf_counter() - t0  # the whole step runs on the device

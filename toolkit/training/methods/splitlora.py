@@ -61,6 +61,7 @@ class SplitLoRA(MethodBase):
         self.devices.store(batch.device)
 
     def step(self, batch: TokenBatch) -> StepResult:
+        batch = batch.to(self.model.device)
         started = time.perf_counter()
         hidden, cut = self.device_forward(batch)
         device_s = time.perf_counter() - started
