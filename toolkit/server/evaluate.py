@@ -69,7 +69,8 @@ class Evaluator:
         score = Score()
         task = self.model.task
         for idx, (hidden, mask) in zip(self.batches, self._device_outputs()):
-            labels = task.labels_tensor([self.examples[i].label for i in idx])
-            score.add(task.score(self.model(hidden, mask), labels))
+            at = self.model.device
+            labels = task.labels_tensor([self.examples[i].label for i in idx]).to(at)
+            score.add(task.score(self.model(hidden.to(at), mask.to(at)), labels))
         self.model.train(was_training)
         return EvalResult(score.accuracy, score.loss, score.count, time.perf_counter() - started)
