@@ -110,7 +110,8 @@ def _load_accepted(opts: ServeOptions) -> dict[str, AcceptedSplit]:
         sha = manifest_sha256(folder)
         if any(a.manifest.split == manifest.split for a in accepted.values()):
             raise SftoolError(f"two artifacts folders export split {manifest.split}; give one per split")
-        accepted[sha] = AcceptedSplit(sha, manifest, manifest.batch_schema(opts.num_labels))
+        # The wire validates labels against the task's label spec (class ids 0..num_values-1 for classification).
+        accepted[sha] = AcceptedSplit(sha, manifest, manifest.batch_schema(task_of(opts).label_spec.num_values))
     if not accepted:
         raise SftoolError("give at least one --artifacts folder (the device export this server accepts)")
     return accepted
