@@ -14,6 +14,7 @@ batch plan a device uses) interleaved across devices in a fixed order.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
@@ -234,6 +235,7 @@ class MixedActivations:
         self.idle_s = 0.0
         self.samples_replayed = 0
         self._replay_epochs: dict[str, list[int]] = {}  # device -> epochs to replay from the cache
+        self._replay_lock = threading.Lock()  # the receiver thread adds devices at HELLO
         self._replay: Iterator[tuple[str, int]] | None = None
         self._replay_epoch = -1
 
@@ -245,8 +247,13 @@ class MixedActivations:
         if not self.cache.reserve(samples_per_epoch, max_len):
             return []  # over the cache budget: this device sends every epoch
         skip = list(range(1, epochs))
-        self._replay_epochs[device] = skip
+        with self._replay_lock:
+            self._replay_epochs[device] = skip
         return skip
+
+    def _replay_plan(self) -> dict[str, list[int]]:
+        with self._replay_lock:
+            return dict(self._replay_epochs)
 
     def _next_replay_sample(self) -> Sample | None:
         """The next cached sample to train (epochs replayed in order, shuffled across devices)."""
@@ -262,17 +269,18 @@ class MixedActivations:
                     return Sample(torch.from_numpy(hidden.astype("float32")).to(at), torch.ones(n, dtype=torch.long, device=at),
                                   label, device, sample_id, self._replay_epoch, -1)
                 self._replay = None
-            later = sorted({e for epochs in list(self._replay_epochs.values()) for e in epochs if e > self._replay_epoch})
+            plan = self._replay_plan()
+            later = sorted({e for epochs in plan.values() for e in epochs if e > self._replay_epoch})
             if not later:
                 return None
             self._replay_epoch = later[0]
-            devices = [d for d, epochs in self._replay_epochs.items() if self._replay_epoch in epochs]
+            devices = [d for d, epochs in plan.items() if self._replay_epoch in epochs]
             self._replay = self.cache.replay_order(devices, self.buffer.rng)
 
     def _replay_pending(self) -> bool:
         if self.cache is None:
             return False
-        later = any(e > self._replay_epoch for epochs in list(self._replay_epochs.values()) for e in epochs)
+        later = any(e > self._replay_epoch for epochs in self._replay_plan().values() for e in epochs)
         return later or self._replay is not None
 
     # -- the stream -----------------------------------------------------------------------------
@@ -286,7 +294,7 @@ class MixedActivations:
         mask = torch.from_numpy(b.attention_mask[keep].astype("int64")).to(self.model.device)
         hidden = self.model.catch_up(hidden, mask, item.split)
         lengths = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(-1).tolist()  # to the last real token
-        if self.cache is not None and b.device in self._replay_epochs:
+        if self.cache is not None and b.device in self._replay_plan():
             for j, (i, n) in enumerate(zip(keep, lengths)):
                 self.cache.put(b.device, int(b.sample_ids[i]), int(b.labels[i]), hidden[j, :n].cpu().numpy())
         self.buffer.add([
