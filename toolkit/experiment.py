@@ -287,7 +287,7 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     method, source, evaluate_fn = _build_method(key, ws, model, task, optim, encoder, manifest, artifacts, devices,
                                                 shard_examples, eval_examples, ledger, steps_total)
     progress = TrainingProgress()
-    logger = RunLogger(run_dir, enabled=run_dir is not None) if run_dir is not None else _NullLogger()
+    logger = RunLogger(run_dir or Path("."), enabled=run_dir is not None)
     curve: list[dict] = []
 
     def evaluate() -> None:
@@ -389,14 +389,6 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
         "losses": losses,
         "curve": [{k: e[k] for k in ("step", "samples", "accuracy", "loss", "n")} for e in summary["evals"]],
     }
-
-
-class _NullLogger:
-    def step(self, *a, **k) -> None: ...
-
-    def evaluation(self, *a, **k) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def token_lengths(encoder, shard_examples: dict) -> list[int]:
