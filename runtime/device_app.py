@@ -51,6 +51,9 @@ class DeviceOptions:
     bucket_window: int = 8
     server_timeout_s: float = 30.0
     curve: dict[str, bytes] | None = None
+    #: Each batch takes this many times its measured compute (>= 1): the device sleeps for the rest,
+    #: standing in for an edge CPU that much slower than this one.
+    slowdown: float = 1.0
 
 
 @dataclass
@@ -60,12 +63,22 @@ class DeviceReport:
     samples: int
     batches: int
     bytes_sent: int
+    #: Seconds of real compute (tokenize + ONNX forward + cast), the sleeps of ``slowdown`` excluded.
     compute_s: float
     wall_s: float
     resent: int
     reconnects: int
     rejected: list[str] = field(default_factory=list)
     finished_by_server: str | None = None
+    #: The compute an edge device ``slowdown`` times slower would have spent: compute_s x slowdown.
+    slowed_s: float = 0.0
+    slowdown: float = 1.0
+    #: Wall-clock time (Unix seconds) when the first batch's compute began: lines the device up with
+    #: the server's metrics.jsonl, whose step records carry the same clock.
+    first_batch_unix: float | None = None
+    #: Seconds from the first batch's compute to the last acknowledgement: the streaming alone, without
+    #: the model load and the wait for the server that ``wall_s`` includes.
+    stream_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,16 +96,22 @@ class LocalBatches:
     """The device's batch plan: seq -> (epoch, rows), built on demand (tokenize + ONNX forward).
 
     Seqs number the batches of all epochs in order, so the same seq always means the same rows;
-    a server that restarted can ask for any of them again.
+    a server that restarted can ask for any of them again. With ``slowdown`` X > 1 each batch takes
+    X times its measured compute: the device sleeps (X - 1) times it after the forward.
     """
 
-    def __init__(self, examples, plan, epochs, skip_epochs, encoder, model, wire_dtype: str, device_id: str):
+    def __init__(self, examples, plan, epochs, skip_epochs, encoder, model, wire_dtype: str, device_id: str,
+                 slowdown: float = 1.0):
+        check_slowdown(slowdown)
         self.examples = examples
         self.epochs_plan = list(iter_epochs(plan, epochs))
         self.skip = set(skip_epochs)
         self.encoder, self.model = encoder, model
         self.wire_dtype, self.device_id = wire_dtype, device_id
+        self.slowdown = float(slowdown)
         self.compute_s = 0.0
+        self.first_batch_unix: float | None = None
+        self.first_batch_at: float | None = None  # perf_counter() of the same moment
 
     def seqs(self) -> list[int]:
         return [seq for seq, (epoch, _) in enumerate(self.epochs_plan) if epoch not in self.skip]
@@ -101,9 +120,16 @@ class LocalBatches:
         epoch, idx = self.epochs_plan[seq]
         rows = [self.examples[i] for i in idx]
         started = time.perf_counter()
+        if self.first_batch_unix is None:
+            self.first_batch_unix, self.first_batch_at = time.time(), started
         ids, mask = self.encoder.encode([r.text for r in rows])
         hidden = prepare_hidden(self.model.forward(ids, mask), self.wire_dtype)
-        self.compute_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.compute_s += elapsed
+        if self.slowdown > 1.0:
+            # Sleeping, not spinning: the emulated edge time must not take CPU from the server and
+            # the other devices sharing this machine, or it would slow them down as well.
+            time.sleep((self.slowdown - 1.0) * elapsed)
         arrays = batch_arrays(
             hidden,
             mask,
@@ -112,6 +138,12 @@ class LocalBatches:
         )
         frames = encode(MsgType.BATCH, self.device_id, arrays, seq=seq, epoch=epoch)
         return OutgoingBatch(seq, len(rows), frames)
+
+
+def check_slowdown(slowdown: float) -> None:
+    """``--slowdown`` must be a finite factor >= 1 (a device cannot be made faster than it is)."""
+    if not (slowdown >= 1.0 and slowdown != float("inf")):
+        raise SftoolError(f"--slowdown must be a number >= 1, not {slowdown:g}")
 
 
 def run_device(
@@ -130,6 +162,7 @@ def run_device(
         raise SftoolError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
     if opts.epochs < 1:
         raise SftoolError("--epochs must be >= 1")
+    check_slowdown(opts.slowdown)
     started = time.perf_counter()
     manifest = load_manifest(opts.artifacts)
     variant = choose_variant(manifest, opts.precision)
@@ -172,9 +205,11 @@ def run_device(
         # Parentheses, not brackets: a UI may render the description as markup.
         on_start(total, f"{opts.device_id} ({precision_label} on {cpu_target()})")
 
-    batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id)
+    batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id,
+                           slowdown=opts.slowdown)
     try:
         report = client.stream(batches, on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)
+        streamed = time.perf_counter()
     finally:
         client.close()
     return DeviceReport(
@@ -189,4 +224,8 @@ def run_device(
         reconnects=report.reconnects,
         rejected=report.rejected,
         finished_by_server=report.finished_by_server,
+        slowed_s=batches.compute_s * batches.slowdown,
+        slowdown=batches.slowdown,
+        first_batch_unix=batches.first_batch_unix,
+        stream_s=streamed - batches.first_batch_at if batches.first_batch_at is not None else 0.0,
     )

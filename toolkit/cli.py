@@ -144,6 +144,7 @@ def device(
     ort_optimization: str = typer.Option("basic", help="onnxruntime optimization at load: disable, basic, extended (the export is saved optimized)."),
     memory_arena: bool = typer.Option(True, "--memory-arena/--no-memory-arena", help="onnxruntime CPU memory arena."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="Let onnxruntime threads spin between batches (off saves power)."),
+    slowdown: float = typer.Option(1.0, help="Make each batch take X times its compute (sleeping the rest): emulate an edge CPU X times slower."),
 ) -> None:
     """Run the frozen device layers over local data and stream activations to the server (no torch)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -169,6 +170,7 @@ def device(
         ort_optimization=ort_optimization,
         memory_arena=memory_arena,
         spin=spin,
+        slowdown=slowdown,
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console

@@ -106,3 +106,46 @@ def _device_shards(data: Optional[Path], devices: int, rows: int, folder: Path) 
         write_jsonl(examples[i * rows : (i + 1) * rows], path)
         paths.append(path)
     return paths
+
+
+@app.command("time")
+def time_(
+    devices: int = typer.Option(3, help="Device processes."),
+    slowdown: float = typer.Option(10.0, help="Each device batch takes X times its measured compute (sftool device --slowdown)."),
+    samples: int = typer.Option(64, help="Rows per device."),
+    epochs: int = typer.Option(1, help="Passes of every device over its rows."),
+    batch_size: int = typer.Option(16, help="The server's training batch."),
+    device_batch_size: int = typer.Option(8, help="Samples per device batch."),
+    threads: int = typer.Option(1, help="Threads of each process (server torch, device onnxruntime) and of the step timing."),
+    tiny: bool = typer.Option(False, "--tiny", help="A tiny random model and synthetic rows: a quick look, not a measurement."),
+    dataset: str = typer.Option("sst2", help="Built-in data set of the shards."),
+    scheme: str = typer.Option("labels:1", help="Partition of the data set over the devices."),
+    split: int = typer.Option(6, help="Split k: the device runs blocks 0..k-1 (not with --tiny)."),
+    artifacts: Optional[Path] = typer.Option(None, help="Reuse this device export (exported here first if missing)."),
+    step_samples: int = typer.Option(16, help="Rows whose SplitLoRA and FedLoRA device steps are timed."),
+    repeats: int = typer.Option(3, help="Repetitions of those device steps (the median is reported)."),
+    link_mbps: Optional[float] = typer.Option(None, help="Model only: each device's link in Mbit/s (the runs stay on loopback)."),
+    latency_ms: float = typer.Option(0.0, help="Model only: one-way latency in ms."),
+    timeout: float = typer.Option(1800.0, help="Give up on a run (and stop its processes) after this many seconds."),
+    mixing: str = typer.Option("fifo", help="The server's mixing in the runs: fifo (what the model assumes) or mix."),
+    work: Optional[Path] = typer.Option(None, help="Keep shards, export, run folders and logs here (default: a temporary folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON."),
+) -> None:
+    """Total training time with devices slowed to edge speed: real processes vs the time model, all four methods."""
+    from rich.console import Console
+    from rich.markup import escape
+    from sftool.bench_time import TimeBenchConfig, print_time_bench, run_time_bench, write_results
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        cfg = TimeBenchConfig(devices=devices, slowdown=slowdown, samples=samples, epochs=epochs, batch_size=batch_size,
+                              device_batch_size=device_batch_size, threads=threads, tiny=tiny, dataset=dataset,
+                              scheme=scheme, split=split, artifacts=artifacts, step_samples=step_samples, repeats=repeats,
+                              link_mbps=link_mbps, latency_ms=latency_ms, timeout_s=timeout, mixing=mixing, work=work)
+        results = run_time_bench(cfg, log=lambda m: err.print(f"[dim]bench:[/] {escape(m)}"))
+    except SftoolError as exc:
+        raise exit_for(exc) from None
+    print_time_bench(results)
+    if out:
+        write_results(results, out)
+        typer.echo(f"wrote {out}")
