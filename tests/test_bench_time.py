@@ -136,6 +136,7 @@ def test_bench_time_tiny_real_runs_and_model(tmp_path):
         assert tier["uplink_bytes_s"] is None and tier["latency_s"] == 0  # loopback: unlimited, no latency
     pipelined = r["runs"]["pipelined"]
     assert inputs["costs"]["splitfrozen"]["server_s_per_batch"] == pytest.approx(16 * pipelined["server_s_per_sample"])
+    assert all(r["device_steps"][m]["s_per_sample"] > 0 for m in ("splitfrozen", "splitlora", "fedlora"))
     assert set(r["model"]) == {"pipelined_splitfrozen", "sequential_split", "splitlora", "fedlora"}
     assert all(m["total_s"] > 0 for m in r["model"].values())
     assert "no gradient" in r["model"]["splitlora"]["real"] and "no gradient" in r["model"]["fedlora"]["real"]

@@ -332,7 +332,8 @@ def measure_method_steps(cfg: TimeBenchConfig, source: str, artifacts: Path, sha
 
     Built as ``sftool bench device`` builds them (`bench_device.build_path`): the methods' own
     device steps with the training's optimizer settings; here the objects are kept, for the sizes
-    of the adapters they would exchange.
+    of the adapters they would exchange. The SplitFrozen device's ONNX forward is timed on the same
+    batches too, alone like the other two: in the real runs it shares the cores with the server.
     """
     import torch
     from sftool.bench_device import make_batches
@@ -368,6 +369,9 @@ def measure_method_steps(cfg: TimeBenchConfig, source: str, artifacts: Path, sha
             per_sample.append((time.perf_counter() - started) / samples)
         return per_sample
 
+    log(f"timing the SplitFrozen device step (ONNX forward, as the devices ran it) on {samples} samples, "
+        f"{cfg.repeats} repetitions")
+    sf_times, sf_variant = _splitfrozen_step(artifacts, manifest, batches, cfg.threads, timed)
     log(f"timing the SplitLoRA device step (SplitLoRA.device_forward + device_backward) on {samples} samples, "
         f"{cfg.repeats} repetitions")
     sl_times, sl_adapter = _splitlora_step(spec, manifest.split, timed)
@@ -376,12 +380,25 @@ def measure_method_steps(cfg: TimeBenchConfig, source: str, artifacts: Path, sha
     return {
         "samples": samples,
         "batches": len(batches),
+        "splitfrozen": {"runs": f"ONNX forward + wire cast ({sf_variant}), timed alone",
+                        "s_per_sample": statistics.median(sf_times), "s_per_sample_all": sf_times},
         "splitlora": {"runs": "SplitLoRA.device_forward + device_backward (random cut gradient)",
                       "s_per_sample": statistics.median(sl_times), "s_per_sample_all": sl_times,
                       "adapter_bytes": sl_adapter, "cut_bytes_per_sample": cut_bytes},
         "fedlora": {"runs": "FedLoRA.step (whole model with LoRA + head)", "s_per_sample": statistics.median(fl_times),
                     "s_per_sample_all": fl_times, "adapter_bytes": fl_adapter},
     }
+
+
+def _splitfrozen_step(artifacts: Path, manifest, batches, threads: int, timed: Callable) -> tuple[list[float], str]:
+    """The SplitFrozen device's step, the variant ``sftool device`` picks here, timed by ``timed``."""
+    from sftool.runtime.device_app import prepare_hidden
+    from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant
+
+    variant = choose_variant(manifest, "auto")
+    model = DeviceModel(artifacts, manifest, variant, settings=SessionSettings(threads=threads))
+    # ``timed`` hands over token batches; the ONNX session takes their numpy arrays.
+    return timed(lambda b: prepare_hidden(model.forward(b.input_ids.numpy(), b.attention_mask.numpy()), "fp16")), variant.label
 
 
 def _splitlora_step(spec, split: int, timed: Callable) -> tuple[list[float], int]:
@@ -489,7 +506,8 @@ def run_time_bench(cfg: TimeBenchConfig, log: Callable[[str], None] = print) -> 
             runs[schedule] = r = real_run(cfg, schedule, source, artifacts, shards, label_names, tmp / schedule)
             span = f"{r['training_span_s']:.1f} s" if r["training_span_s"] is not None else "-"
             log(f"  {schedule}: server wall {r['serve_wall_s']:.1f} s, training span {span}, {r['steps']} steps, "
-                f"device compute {r['device_compute_s_per_sample'] * 1e3:.2f} ms/sample (x{cfg.slowdown:g} slowed)")
+                f"device compute {r['device_compute_s_per_sample'] * 1e3:.2f} ms/sample measured, "
+                f"{r['device_compute_s_per_sample'] * cfg.slowdown * 1e3:.2f} slowed x{cfg.slowdown:g}")
         steps = measure_method_steps(cfg, source, artifacts, shards[0], len(label_names), log)
         from sftool.runtime.manifest import load_manifest
 
@@ -602,6 +620,12 @@ def print_time_bench(results: dict[str, Any], console=None) -> None:
     console.print(four)
     console.print(f"  pipelined SplitFrozen vs SplitLoRA (model): {results['reduction_vs_splitlora_pct']:.1f}% less "
                   "training time", highlight=False)
+    st = results["device_steps"]
+    console.print(f"  device steps timed alone on {st['samples']} samples of device-0 (before the x{x:g}): SplitFrozen "
+                  f"{st['splitfrozen']['s_per_sample'] * 1e3:.2f} ms ({st['splitfrozen']['runs']}), SplitLoRA "
+                  f"{st['splitlora']['s_per_sample'] * 1e3:.2f} ms, FedLoRA {st['fedlora']['s_per_sample'] * 1e3:.2f} ms per "
+                  f"sample; the SplitFrozen figure the model uses is the runs' {frozen * 1e3:.2f} ms, measured while "
+                  "sharing the cores with the server.", highlight=False)
     for line in results["assumptions"]:
         console.print(f"  {line}", highlight=False, markup=False)
     m = results["machine"]
