@@ -303,6 +303,8 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
         ws.log(f"  {key.id}: step {progress.step}/~{steps_total}, {progress.samples_trained} samples"
                + (f", loss {r.loss:.4f}" if r else ""))
 
+    if cfg.train.evals:
+        evaluate()  # before training, as serve does: where every curve starts
     reason = loop.run(show, progress_every_s=PROGRESS_EVERY_S)
     method.finish()
     wall = time.perf_counter() - started
