@@ -190,3 +190,20 @@ def test_real_demo_sst2_labels1(tmp_path):
     assert res["accuracy"]["zero_shot"]["accuracy"] > 0.75  # 0.789 measured
     assert all(d["bytes_sent"] > 0 for d in res["devices"].values())
     print(proc.stdout)
+
+
+def test_one_seed_gives_one_result_run_after_run(tiny_model, tiny_artifacts, tmp_path):
+    """Real device processes race each other, yet the server releases their batches in a fixed
+    order: two demos at the same seed train the same samples in the same order, to the same loss."""
+    data = make_data_dir(tmp_path / "data")
+    losses, accuracies = [], []
+    for i in range(2):
+        out = seeded_out(tmp_path / f"run{i}", tiny_artifacts(FAMILY, SPLIT))
+        proc = spawn(*demo_args(tiny_model(FAMILY), data, out, "--epochs", "1", "--no-zero-shot", "--seed", "5"))
+        output, _ = proc.communicate(timeout=160)
+        assert proc.returncode == 0, output
+        metrics = next(out.rglob("metrics.jsonl"))
+        losses.append([json.loads(line)["loss"] for line in metrics.read_text().splitlines() if '"correct"' in line])
+        accuracies.append(json.loads((out / "results.json").read_text())["accuracy"]["after"]["accuracy"])
+    assert len(losses[0]) > 10 and losses[0] == losses[1]
+    assert accuracies[0] == accuracies[1]
