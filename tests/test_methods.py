@@ -151,3 +151,19 @@ def test_streamed_run_and_in_process_run_give_the_same_losses(tiny_model, tiny_a
     assert [r["loss"] for r in streamed] == pytest.approx([r["loss"] for r in in_process], abs=1e-6)
     summary = json.loads((tmp_path / "in-process" / "summary.json").read_text())
     assert summary["samples_trained"] == 2 * 2 * 90 and summary["device_compute_s"] > 0
+
+
+def test_federated_rounds_run_until_the_budget_whatever_the_shard_sizes():
+    from itertools import islice
+
+    from sftool.runtime.local_data import Example
+    from sftool.training.sources import SimulatedDevice, rounds
+
+    big = SimulatedDevice("big", [Example(i, "x", 0) for i in range(40)], 8)
+    small = SimulatedDevice("small", [Example(100 + i, "x", 1) for i in range(3)], 8)
+    big.batches, small.batches = [list(range(i, i + 8)) for i in range(0, 40, 8)], [[0, 1, 2]]
+    order = list(islice(rounds([big, small], None, 2), 12))  # endless: the budget decides
+    assert order[:4] == [("big", 0), ("big", 1), ("small", 0), ("small", 1)]
+    assert order[4:8] == [("big", 2), ("big", 3), ("small", 2), ("small", 3)]
+    assert small.rows(3) == (3, [small.examples[0], small.examples[1], small.examples[2]])  # cycling: epoch 3
+    assert list(rounds([big, small], 1, 2)) == order[:4]

@@ -460,9 +460,8 @@ def _build_method(key, ws, model, task, optim, encoder, manifest, artifacts, dev
 
         method = FedLoRA(model, optim, shard_sizes, cfg.fedlora.local_steps, ffa=key.method == "ffa")
         devs = devices(batch, cfg.train.epochs)
-        # Rounds enough for the budget even when shards end in short batches; the budget stops the loop.
-        num_rounds = 2 * math.ceil(steps_total / (cfg.fedlora.local_steps * len(devs)))
-        source = ShardBatches(devs, encoder, task, rounds(devs, num_rounds, cfg.fedlora.local_steps))
+        # As many rounds as the sample budget needs: the budget stops the loop.
+        source = ShardBatches(devs, encoder, task, rounds(devs, None, cfg.fedlora.local_steps))
         return method, source, _token_eval(method.logits, model, task, encoder, eval_examples)
     from sftool.training.methods.centralized import Centralized
 

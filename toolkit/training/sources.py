@@ -13,11 +13,12 @@ batch plan a device uses) interleaved across devices in a fixed order.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -359,21 +360,22 @@ class TokenBatch:
                           self.labels.to(device), self.sample_ids)
 
 
-def rounds(devices: Sequence[SimulatedDevice], num_rounds: int, local_steps: int) -> list[tuple[str, int]]:
-    """FedAvg's order: in every round each device takes its next ``local_steps`` batches."""
-    order, next_seq = [], {d.name: 0 for d in devices}
-    for _ in range(num_rounds):
+def rounds(devices: Sequence[SimulatedDevice], num_rounds: int | None, local_steps: int) -> Iterator[tuple[str, int]]:
+    """FedAvg's order: in every round each device takes its next ``local_steps`` batches; endless
+    when ``num_rounds`` is None (the sample budget stops the loop: small shards have short batches,
+    so a count of rounds fixed in advance would not give every method the same samples)."""
+    next_seq = {d.name: 0 for d in devices}
+    for _ in range(num_rounds) if num_rounds is not None else itertools.count():
         for d in devices:
-            order.extend((d.name, next_seq[d.name] + i) for i in range(local_steps))
+            yield from ((d.name, next_seq[d.name] + i) for i in range(local_steps))
             next_seq[d.name] += local_steps
-    return order
 
 
 class ShardBatches:
     """Token batches of the devices' shards, in the devices' own batch plans, in a given order of
     (device, seq) (:func:`interleave` for split learning, :func:`rounds` for federated rounds)."""
 
-    def __init__(self, devices: Sequence[SimulatedDevice], encoder: TextEncoder, task, order: Sequence[tuple[str, int]]):
+    def __init__(self, devices: Sequence[SimulatedDevice], encoder: TextEncoder, task, order: Iterable[tuple[str, int]]):
         self.devices = {d.name: d for d in devices}
         self.encoder = encoder
         self.task = task
