@@ -27,6 +27,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -239,18 +240,50 @@ class Workspace:
 # ------------------------------------------------------------------------------------------ one run
 
 
+@dataclass
+class RunData:
+    """What every method's run reads from the workspace: the shards, the eval rows, the export."""
+
+    folder: Path
+    label_names: list[str]
+    artifacts: Path
+    manifest: Any
+    encoder: Any
+    shard_examples: dict[str, list]
+    eval_examples: list
+    #: Token lengths of every training example (what the FLOP count integrates over).
+    lengths: list[int]
+
+    @property
+    def n_train(self) -> int:
+        return sum(len(v) for v in self.shard_examples.values())
+
+
+def load_run_data(key: RunKey, ws: Workspace) -> RunData:
+    from sftool.runtime.local_data import TextEncoder, read_examples
+    from sftool.runtime.manifest import load_manifest
+
+    folder = ws.data(key.dataset, key.scheme, key.seed)
+    artifacts = ws.artifacts(key.precision)
+    manifest = load_manifest(artifacts)
+    encoder = TextEncoder(artifacts / manifest.tokenizer_file, min(ws.config.train.max_len, manifest.max_seq_len),
+                          manifest.pad_token_id)
+    shards = sorted(folder.glob("device-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    shard_examples = {f"device-{i}": ex for i, p in enumerate(shards) if (ex := read_examples(p))}
+    return RunData(folder, json.loads((folder / "label_map.json").read_text())["label_names"], artifacts, manifest,
+                   encoder, shard_examples, read_examples(folder / "eval.jsonl"),
+                   encoder.lengths([e.text for ex in shard_examples.values() for e in ex]))
+
+
 def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str, Any]:
     """Train and evaluate one method on one partition; returns the result record."""
     import torch
     from sftool.flops import count_flops
-    from sftool.runtime.local_data import TextEncoder, read_examples
-    from sftool.runtime.manifest import load_manifest
     from sftool.server.checkpoint import TrainingProgress
     from sftool.server.split_model import SplitModelSpec, SplitServerModel
     from sftool.training.ledger import Ledger
     from sftool.training.loop import Budget, TrainingLoop
     from sftool.training.run_logger import RunLogger
-    from sftool.training.sources import SimulatedDevice
     from sftool.training.task import ClassificationTask
 
     cfg = ws.config
@@ -258,18 +291,9 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
         return _run_splitfrozen(key, ws, run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    folder = ws.data(key.dataset, key.scheme, key.seed)
-    label_names = json.loads((folder / "label_map.json").read_text())["label_names"]
-    task = ClassificationTask(len(label_names), tuple(label_names))
-    artifacts = ws.artifacts(key.precision)
-    manifest = load_manifest(artifacts)
-    encoder = TextEncoder(artifacts / manifest.tokenizer_file, min(cfg.train.max_len, manifest.max_seq_len), manifest.pad_token_id)
-    shards = sorted(folder.glob("device-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
-    shard_examples = {f"device-{i}": read_examples(p) for i, p in enumerate(shards)}
-    shard_examples = {d: ex for d, ex in shard_examples.items() if ex}
-    eval_examples = read_examples(folder / "eval.jsonl")
-    n_train = sum(len(v) for v in shard_examples.values())
-    budget = Budget(max_samples=cfg.train.epochs * n_train)
+    data = load_run_data(key, ws)
+    task = ClassificationTask(len(data.label_names), tuple(data.label_names))
+    budget = Budget(max_samples=cfg.train.epochs * data.n_train)
     steps_total = math.ceil(budget.max_samples / cfg.train.batch_size)
 
     torch.manual_seed(key.seed)
@@ -277,15 +301,10 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     k = cfg.model.split
     lora, optim = cfg.lora, cfg.optim
     device_side = key.method in ("splitlora", "fedlora", "ffa", "centralized-all")
-    model = SplitServerModel(SplitModelSpec(ws.source(), task, [k], manifest.pad_token_id, lora,
-                                            lora_layers=range(manifest.num_layers) if device_side else None))
-
-    def devices(batch_size: int, epochs: int) -> list[SimulatedDevice]:
-        return [SimulatedDevice(d, ex, batch_size, epochs).make_plan(encoder) for d, ex in shard_examples.items()]
-
+    model = SplitServerModel(SplitModelSpec(ws.source(), task, [k], data.manifest.pad_token_id, lora,
+                                            lora_layers=range(data.manifest.num_layers) if device_side else None))
+    method, source, evaluate_fn = _build_method(key, cfg, model, task, optim, data)
     ledger = Ledger()
-    method, source, evaluate_fn = _build_method(key, ws, model, task, optim, encoder, manifest, artifacts, devices,
-                                                shard_examples, eval_examples, ledger, steps_total)
     progress = TrainingProgress()
     logger = RunLogger(run_dir or Path("."), enabled=run_dir is not None)
     curve: list[dict] = []
@@ -314,13 +333,13 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
         method.save_adapter(run_dir / "adapter")
         logger.close()
 
-    lengths = token_lengths(encoder, shard_examples)
-    flops = count_flops(model.config, _flops_method(key.method), k, lengths, cfg.lora.rank, cfg.lora.targets, task.num_labels)
+    flops = count_flops(model.config, _flops_method(key.method), k, data.lengths, cfg.lora.rank, cfg.lora.targets,
+                        task.num_labels)
     samples = progress.samples_trained
     return {
         "run": key.id, **asdict(key), "stopped": reason,
         "accuracy": final["accuracy"], "loss": final["loss"], "eval_n": final["n"],
-        "majority": _majority(eval_examples),
+        "majority": _majority(data.eval_examples),
         "samples": samples, "steps": progress.step, "wall_s": wall,
         "device_s_per_sample": method.device_s / max(samples, 1), "device_s_per_sample_cached": None,
         "device_flops_per_sample": flops.device, "server_flops_per_sample": flops.server,
@@ -335,53 +354,42 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
     """SplitFrozen through ``serve_in_process``: the server's own trainer, devices on the exported ONNX."""
     import tempfile
 
+    from sftool.exporters.model_source import load_config
     from sftool.flops import count_flops
-    from sftool.runtime.local_data import TextEncoder, read_examples
-    from sftool.runtime.manifest import load_manifest
     from sftool.server.serve import ServeOptions, serve_in_process
-    from sftool.training.run_logger import read_metrics
     from sftool.training.sources import SimulatedDevice
 
     cfg = ws.config
-    folder = ws.data(key.dataset, key.scheme, key.seed)
-    label_names = json.loads((folder / "label_map.json").read_text())["label_names"]
-    artifacts = ws.artifacts(key.precision)
-    manifest = load_manifest(artifacts)
-    shards = sorted(folder.glob("device-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
-    shard_examples = {f"device-{i}": read_examples(p) for i, p in enumerate(shards)}
-    shard_examples = {d: ex for d, ex in shard_examples.items() if ex}
-    n_train = sum(len(v) for v in shard_examples.values())
-    steps_total = math.ceil(cfg.train.epochs * n_train / cfg.train.batch_size)
+    data = load_run_data(key, ws)
+    steps_total = math.ceil(cfg.train.epochs * data.n_train / cfg.train.batch_size)
     with tempfile.TemporaryDirectory(prefix="sftool-run-") as tmp:
         out = run_dir or Path(tmp)
         opts = ServeOptions(
-            source=ws.source(), artifacts=[artifacts], out=out, num_labels=len(label_names), label_names=label_names,
-            devices=len(shard_examples), batch_size=cfg.train.batch_size, mix_capacity=cfg.train.mix_capacity,
-            max_samples=cfg.train.epochs * n_train, seed=key.seed,
-            lora=cfg.lora, optim=cfg.optim,
-            threads=cfg.train.threads, eval_data=folder / "eval.jsonl",
+            source=ws.source(), artifacts=[data.artifacts], out=out, num_labels=len(data.label_names),
+            label_names=data.label_names, devices=len(data.shard_examples), batch_size=cfg.train.batch_size,
+            mix_capacity=cfg.train.mix_capacity, max_samples=cfg.train.epochs * data.n_train, seed=key.seed,
+            lora=cfg.lora, optim=cfg.optim, threads=cfg.train.threads, eval_data=data.folder / "eval.jsonl",
             eval_every=max(1, steps_total // cfg.train.evals) if cfg.train.evals else 0,
             eval_precision=key.precision, checkpoint_every=0,
         )
-        devices = [SimulatedDevice(d, ex, cfg.train.device_batch_size, cfg.train.epochs) for d, ex in shard_examples.items()]
+        devices = [SimulatedDevice(d, ex, cfg.train.device_batch_size, cfg.train.epochs)
+                   for d, ex in data.shard_examples.items()]
+
         def show(p) -> None:
             ws.log(f"  {key.id}: step {p.steps}/~{steps_total}, {p.samples} samples, loss {p.loss:.4f}")
 
         summary = serve_in_process(opts, devices, key.precision, on_progress=show, log_line=lambda m: None,
                                    progress_every_s=PROGRESS_EVERY_S)
-        losses = [r["loss"] for r in read_metrics(out) if "loss" in r and "eval" not in r]
-    encoder = TextEncoder(artifacts / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
-    from sftool.exporters.model_source import load_config
-
-    flops = count_flops(load_config(ws.source()), "splitfrozen", manifest.split, token_lengths(encoder, shard_examples),
-                        cfg.lora.rank, cfg.lora.targets, len(label_names))
+        losses = _step_losses(out)
+    flops = count_flops(load_config(ws.source()), "splitfrozen", data.manifest.split, data.lengths, cfg.lora.rank,
+                        cfg.lora.targets, len(data.label_names))
     final = summary["eval_after"]
     samples = summary["samples_trained"]
     device_s = summary["device_compute_s"]
     return {
         "run": key.id, **asdict(key), "stopped": summary["stopped"],
         "accuracy": final["accuracy"], "loss": final["loss"], "eval_n": final["n"],
-        "majority": _majority(read_examples(folder / "eval.jsonl")),
+        "majority": _majority(data.eval_examples),
         "samples": samples, "steps": summary["steps"], "wall_s": summary["wall_s"],
         "device_s_per_sample": device_s / max(samples, 1),
         # With the activation cache a SplitFrozen device computes each sample once, not once per epoch.
@@ -391,11 +399,6 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
         "losses": losses,
         "curve": [{k: e[k] for k in ("step", "samples", "accuracy", "loss", "n")} for e in summary["evals"]],
     }
-
-
-def token_lengths(encoder, shard_examples: dict) -> list[int]:
-    """Token lengths of every training example (what the FLOP count integrates over)."""
-    return encoder.lengths([e.text for ex in shard_examples.values() for e in ex])
 
 
 def _flops_method(method: str) -> str:
@@ -430,9 +433,9 @@ def _token_eval(logits_fn, model, task, encoder, examples, batch_size: int = 32)
         was = model.training
         model.eval()
         score = Score()
+        at = model.device
         with torch.no_grad():
             for (ids, mask), labels in encoded:
-                at = model.device
                 score.add(task.score(logits_fn(torch.from_numpy(ids).to(at), torch.from_numpy(mask).to(at)), labels.to(at)))
         model.train(was)
         return {"accuracy": score.accuracy, "loss": score.loss, "n": score.count, "seconds": time.perf_counter() - started}
@@ -440,37 +443,34 @@ def _token_eval(logits_fn, model, task, encoder, examples, batch_size: int = 32)
     return evaluate
 
 
-def _build_method(key, ws, model, task, optim, encoder, manifest, artifacts, devices, shard_examples, eval_examples,
-                  ledger, steps_total):
-    """(method, batch source, evaluation) for one run."""
+def _build_method(key: RunKey, cfg: ExperimentConfig, model, task, optim: OptimSettings, data: RunData):
+    """(method, batch source, evaluation) of a method that trains on tokens."""
     from sftool.training.sources import ShardBatches, SimulatedDevice, interleave, plan_of, rounds
 
-    cfg = ws.config
     batch = cfg.train.batch_size
+    encoder, shard_examples = data.encoder, data.shard_examples
     shard_sizes = {d: len(ex) for d, ex in shard_examples.items()}
+    evaluation = partial(_token_eval, model=model, task=task, encoder=encoder, examples=data.eval_examples)
+    if key.method in ("splitlora", "fedlora", "ffa"):  # these train on each device's own shard
+        devs = [SimulatedDevice(d, ex, batch, cfg.train.epochs).make_plan(encoder) for d, ex in shard_examples.items()]
     if key.method == "splitlora":
         from sftool.training.methods.splitlora import SplitLoRA
 
         method = SplitLoRA(model, cfg.model.split, optim, shard_sizes, cfg.splitlora.aggregate_every, cfg.splitlora.weighted)
-        devs = devices(batch, cfg.train.epochs)
-        source = ShardBatches(devs, encoder, task, interleave(plan_of(devs)))
-        return method, source, _token_eval(method.logits, model, task, encoder, eval_examples)
+        return method, ShardBatches(devs, encoder, task, interleave(plan_of(devs))), evaluation(method.logits)
     if key.method in ("fedlora", "ffa"):
         from sftool.training.methods.fedlora import FedLoRA
 
         method = FedLoRA(model, optim, shard_sizes, cfg.fedlora.local_steps, ffa=key.method == "ffa")
-        devs = devices(batch, cfg.train.epochs)
         # As many rounds as the sample budget needs: the budget stops the loop.
-        source = ShardBatches(devs, encoder, task, rounds(devs, None, cfg.fedlora.local_steps))
-        return method, source, _token_eval(method.logits, model, task, encoder, eval_examples)
+        return method, ShardBatches(devs, encoder, task, rounds(devs, None, cfg.fedlora.local_steps)), evaluation(method.logits)
     from sftool.training.methods.centralized import Centralized
 
     pooled = [e for ex in shard_examples.values() for e in ex]
     random.Random(key.seed).shuffle(pooled)
     dev = SimulatedDevice("pooled", pooled, batch, cfg.train.epochs).make_plan(encoder)
     method = Centralized(model, optim)
-    source = ShardBatches([dev], encoder, task, [("pooled", s) for s in dev.seqs()])
-    return method, source, _token_eval(method.logits, model, task, encoder, eval_examples)
+    return method, ShardBatches([dev], encoder, task, [("pooled", s) for s in dev.seqs()]), evaluation(method.logits)
 
 
 # ------------------------------------------------------------------------------------------ the sweep

@@ -84,7 +84,6 @@ class Trainer:
         self.task: Task = task or getattr(model, "task", None) or ClassificationTask()
         params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.optim = Optimizer(params, settings)
-        self.params = self.optim.params
         self.step_count = 0
         self._recent: deque[tuple[float, int, int]] = deque(maxlen=50)
 
