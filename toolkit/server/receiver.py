@@ -44,6 +44,10 @@ log = logging.getLogger("sftool.server")
 SERVER_ID = "server"
 
 
+#: When a batch is acknowledged (see ``Receiver.ack``).
+ACK_POLICIES = ("queued", "taken", "trained")
+
+
 @dataclass
 class AcceptedSplit:
     """One export the server accepts: its manifest (by hash) and the batch rules derived from it."""
@@ -105,7 +109,7 @@ class Receiver(threading.Thread):
         accepted: dict[str, AcceptedSplit],
         batches: queue.Queue[ReceivedBatch],
         window: int = 4,
-        ack_after_training: bool = False,
+        ack: str = "queued",
         device_timeout_s: float = 120.0,
         pace: bool = True,
         context: zmq.Context | None = None,
@@ -116,8 +120,13 @@ class Receiver(threading.Thread):
         self.goodbye_grace_s = goodbye_grace_s
         self.accepted = accepted
         self.queue = batches
-        self.window = 1 if ack_after_training else window
-        self.ack_after_training = ack_after_training
+        if ack not in ACK_POLICIES:
+            raise ValueError(f"ack must be one of {ACK_POLICIES}")
+        #: When a batch's ACK (the device's credit) goes out: "queued" (it entered the queue), "taken"
+        #: (the trainer took it: the fixed release order holds batches outside the queue, and the
+        #: devices' windows must bound that hold), "trained" (sequential split learning, window 1).
+        self.ack = ack
+        self.window = 1 if ack == "trained" else window
         self.device_timeout_s = device_timeout_s
         #: Pace credits by announced data size, so devices finish together (see _ahead).
         self.pace = pace
@@ -160,8 +169,8 @@ class Receiver(threading.Thread):
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     # -- API for the trainer thread ---------------------------------------------------------
-    def mark_trained(self, device: str, seq: int) -> None:
-        """In the sequential schedule, the trainer reports a trained batch; its ACK goes out then."""
+    def acknowledge(self, device: str, seq: int) -> None:
+        """The trainer took (``ack="taken"``) or trained (``ack="trained"``) a batch: its ACK goes out now."""
         self._trained.put((device, seq))
 
     def request_stop(self, reason: str) -> None:
@@ -347,7 +356,7 @@ class Receiver(threading.Thread):
             except queue.Full:
                 return  # backpressure: the ACK (credit) waits until the trainer catches up
             self._pending.popleft()
-            if not self.ack_after_training:
+            if self.ack == "queued":
                 self._ack(item.batch.device, item.batch.seq)
 
     def _send_trained_acks(self) -> None:

@@ -192,7 +192,7 @@ class StreamTrainer:
         # there would deadlock (devices wait for the ACK that training gives).
         self.buffer = MixingBuffer(opts.batch_size, opts.mix_capacity, "fifo" if sequential else opts.mixing, opts.seed)
         self.progress_state = TrainingProgress()
-        self.ledger = Ledger(on_settled=receiver.mark_trained if sequential and receiver else None)
+        self.ledger = Ledger(on_settled=receiver.acknowledge if sequential and receiver else None)
         self.cache: ActivationCache | None = None
         if opts.cache_activations:
             self.cache = ActivationCache(Path(opts.out) / "activation_cache", model.hidden_size, int(opts.cache_max_gb * 2**30))
@@ -341,19 +341,19 @@ def serve(
     what was trained is never lost.
     """
     out, accepted, model, manifests, evaluator = _prepare(opts, log_line)
+    # Arrival order decides nothing when batches are released in the fixed order (pipelined, paced,
+    # a fresh run); a resumed run continues from a checkpoint whose buffer contents are gone anyway.
+    ordered = opts.schedule == "pipelined" and opts.pace and not opts.resume
     batches: queue.Queue[ReceivedBatch] = queue.Queue(maxsize=opts.queue_size)
     receiver = Receiver(
         opts.bind,
         accepted,
         batches,
         window=opts.window,
-        ack_after_training=opts.schedule == "sequential",
+        ack="trained" if opts.schedule == "sequential" else ("taken" if ordered else "queued"),
         device_timeout_s=opts.device_timeout_s,
         pace=opts.pace,
     )
-    # Arrival order decides nothing when batches are released in the fixed order (pipelined, paced,
-    # a fresh run); a resumed run continues from a checkpoint whose buffer contents are gone anyway.
-    ordered = opts.schedule == "pipelined" and opts.pace and not opts.resume
 
     def expected_devices() -> int:  # devices that finished before a restart do not come back
         return opts.devices - len(stream.progress_state.finished_devices)
@@ -398,11 +398,7 @@ def serve_in_process(
             d.make_plan(encoder)
     inbox = SimulatedInbox(devices, device_model, encoder, manifest.split)
     stream = StreamTrainer(replace(opts, devices=len(devices)), model, inbox, evaluator)
-    summary = _drive(opts, stream, accepted, lambda: None, lambda reason: None, on_progress, log_line, progress_every_s)
-    summary["device_compute_s"] = inbox.compute_s
-    summary["bytes_received"] = inbox.bytes_up
-    write_summary(out, summary)
-    return summary
+    return _drive(opts, stream, accepted, lambda: None, lambda reason: None, on_progress, log_line, progress_every_s)
 
 
 def _drive(opts: ServeOptions, stream: StreamTrainer, accepted, start: Callable[[], None], stop: Callable[[str], None],
@@ -515,7 +511,8 @@ def _summary(opts: ServeOptions, stream: StreamTrainer, reason: str, wall_s: flo
         "steps": stream.trainer.step_count,
         "final_loss": stream.trainer.recent_loss,
         "train_accuracy": stream.trainer.recent_accuracy,
-        "bytes_received": receiver.bytes_received if receiver else 0,
+        "bytes_received": stream.source.inbox.bytes_received,
+        "device_compute_s": stream.source.inbox.device_compute_s,
         "wall_s": wall_s,
         "train_compute_s": stream.train_s,
         "samples_replayed_from_cache": stream.samples_replayed,

@@ -45,6 +45,14 @@ class Inbox(Protocol):
 
     def depth(self) -> int: ...
 
+    @property
+    def bytes_received(self) -> int:
+        """Bytes the devices sent so far."""
+
+    @property
+    def device_compute_s(self) -> float | None:
+        """Seconds the devices computed, where this process can see it (None: they report it themselves)."""
+
 
 class ReceiverInbox:
     """The streaming receiver's bounded queue; finished once every expected device said BYE.
@@ -52,8 +60,9 @@ class ReceiverInbox:
     ``ordered``: batches are released in the fixed order of :func:`interleave` (by each device's
     announced data size) instead of their arrival order, so the mixing buffer sees the same
     samples in the same order in every run at a seed, and an in-process run gives the same losses.
-    The queue is drained into a per-device hold, which pacing bounds: a device more than the
-    pacing margin ahead of the slowest one gets no credits, so it cannot fill the hold.
+    The queue is drained into a per-device hold; a batch's ACK goes out only when it is released
+    (the receiver's ``ack="taken"``), so the devices' windows bound the hold, and the batch this
+    order waits for can always be sent (it is its device's oldest unacknowledged one).
     """
 
     def __init__(self, receiver: Receiver, batches: queue.Queue, expected_devices: Callable[[], int],
@@ -109,6 +118,7 @@ class ReceiverInbox:
         if item is not None:
             self._released[device] = self._released.get(device, 0) + item.batch.size
             self._next_seq[device] = seq + 1
+            self.receiver.acknowledge(device, seq)
         return item
 
     def finished(self) -> bool:
@@ -120,6 +130,14 @@ class ReceiverInbox:
 
     def depth(self) -> int:
         return self.queue.qsize() + self.receiver.pending + sum(len(h) for h in self._held.values())
+
+    @property
+    def bytes_received(self) -> int:
+        return self.receiver.bytes_received
+
+    @property
+    def device_compute_s(self) -> float | None:
+        return None
 
 
 @dataclass
@@ -188,8 +206,8 @@ class SimulatedInbox:
         self.encoder = encoder
         self.split = split
         self.wire_dtype = wire_dtype
-        self.compute_s = 0.0
-        self.bytes_up = 0
+        self.device_compute_s = 0.0
+        self.bytes_received = 0
         self._order: Iterator[tuple[str, int]] = iter(interleave(plan_of(devices)))
         self._left = sum(len(d.seqs()) for d in devices)
 
@@ -204,8 +222,8 @@ class SimulatedInbox:
         started = time.perf_counter()
         ids, mask = self.encoder.encode([r.text for r in rows])
         hidden = prepare_hidden(self.model.forward(ids, mask), self.wire_dtype)
-        self.compute_s += time.perf_counter() - started
-        self.bytes_up += hidden.nbytes + mask.size
+        self.device_compute_s += time.perf_counter() - started
+        self.bytes_received += hidden.nbytes + mask.size
         self._left -= 1
         batch = Batch(name, seq, epoch, hidden, mask.astype(np.uint8),
                       np.array([r.label for r in rows], dtype=np.int64), np.array([r.sample_id for r in rows], dtype=np.int64))
