@@ -127,6 +127,9 @@ class Receiver(threading.Thread):
         #: devices' windows must bound that hold), "trained" (sequential split learning, window 1).
         self.ack = ack
         self.window = 1 if ack == "trained" else window
+        # ACKs the trainer releases go out at the next poll: keep that wait short when credits depend
+        # on the trainer, or a device with small batches waits a poll interval per credit.
+        self._poll_ms = 50 if ack == "queued" else 5
         self.device_timeout_s = device_timeout_s
         #: Pace credits by announced data size, so devices finish together (see _ahead).
         self.pace = pace
@@ -195,7 +198,7 @@ class Receiver(threading.Thread):
     def run(self) -> None:
         try:
             while self._stop_reason is None:
-                if self.sock.poll(50):
+                if self.sock.poll(self._poll_ms):
                     # Handle a burst before housekeeping, but yield regularly.
                     for _ in range(64):
                         try:
