@@ -67,6 +67,9 @@ class Manifest:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)
+    #: Largest |activation| the fp32 device part produced on the export's calibration text (real
+    #: tokens only). The server's bound on received activations is this times a margin.
+    activation_abs_max: float | None = None
     format_version: int = MANIFEST_FORMAT
     created_by: str = ""
 

@@ -63,6 +63,7 @@ class ErrorCode(enum.IntEnum):
     NOT_WELCOMED = 6
     REFUSED = 7
     INTERNAL = 8
+    NOT_AUTHORIZED = 9
 
 
 class ProtocolError(ValueError):

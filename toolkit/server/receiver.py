@@ -114,10 +114,14 @@ class Receiver(threading.Thread):
         pace: bool = True,
         context: zmq.Context | None = None,
         curve: dict[str, Any] | None = None,
+        device_keys: dict[str, str] | None = None,
         goodbye_grace_s: float = GOODBYE_GRACE_S,
     ):
         super().__init__(name="sftool-receiver", daemon=True)
         self.goodbye_grace_s = goodbye_grace_s
+        #: With CurveZMQ: device id -> its Z85 public key. A message is taken only from the connection
+        #: whose key (the ZAP User-Id) is the one bound to the device id it names.
+        self.device_keys = device_keys
         self.accepted = accepted
         self.queue = batches
         if ack not in ACK_POLICIES:
@@ -238,6 +242,7 @@ class Receiver(threading.Thread):
         self._header_bytes = len(frames[1].buffer)
         try:
             header = decode_header(frames[1].buffer)
+            self._check_key(frames[1], header)
             handler = {
                 MsgType.HELLO: self._on_hello,
                 MsgType.BATCH: self._on_batch,
@@ -255,6 +260,17 @@ class Receiver(threading.Thread):
         except Exception as exc:  # a bug in handling one message must not take the server down
             log.exception("internal error handling a message")
             self._error(routing_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _check_key(self, frame: zmq.Frame, header: Header) -> None:
+        """With an allow-list, the connection's key must be the key bound to the device id it names."""
+        if self.device_keys is None:
+            return
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        if user is None or self.device_keys.get(header.device) != user:
+            raise ProtocolError(ErrorCode.NOT_AUTHORIZED, f"this connection's key may not speak for device {header.device!r}")
 
     def _session_for(self, routing_id: bytes) -> DeviceSession | None:
         for session in self.sessions.values():
