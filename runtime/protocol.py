@@ -1,37 +1,26 @@
 """Wire protocol v1 between a device (ZeroMQ DEALER) and the training server (ROUTER).
 
-This module is the single source of truth for the protocol; both sides import it.
+This module is the one implementation of the protocol; both sides import it, and
+``docs/protocol.md`` is its normative description (a test checks that both list the same
+messages and fields).
 
 A message is a list of frames: frame 0 is a msgpack header, the following frames are raw
-little-endian array buffers (sent zero-copy), described in order by ``header["arrays"]``.
-Nothing is ever pickled: a header is plain msgpack of str/int/float/bool/list/dict, and an
-array is rebuilt with ``numpy.frombuffer`` only after its dtype, shape and byte count have
-been checked.
+little-endian array buffers (sent zero-copy), described by ``header["arrays"]``. Nothing is
+ever pickled: a header is plain msgpack of str/int/float/bool/list/dict, and an array is rebuilt
+with ``numpy.frombuffer`` only after its dtype, shape and byte count have been checked.
 
-Message types and their header fields (besides ``v``, ``type``, ``device``):
-
-- ``HELLO``     device -> server: ``manifest_sha256``, ``split``, ``precision``, ``wire_dtype``,
-                ``num_samples`` (planned, -1 if unknown), ``epochs``.
-- ``WELCOME``   server -> device: ``window`` (max unacknowledged batches), ``session``,
-                ``skip_epochs`` (epochs the server no longer needs, e.g. served from its cache).
-- ``BATCH``     device -> server: ``seq``, ``epoch``, arrays ``hidden`` [B,T,H] fp16|fp32,
-                ``attention_mask`` [B,T] uint8, ``labels`` [B] int64, ``sample_ids`` [B] int64.
-- ``ACK``       server -> device: ``seq``. Frees one slot of the device's window. The server
-                withholds it while its queue is full (backpressure) or, in the sequential
-                schedule, until the batch is trained.
-- ``HEARTBEAT`` either way, no payload; the server answers a device's heartbeat.
-- ``BYE``       device -> server when done (``batches``, ``samples``); server -> device when
-                training is over (``reason``) or to confirm a device's BYE. A device confirms the
-                server's BYE with its own, and the server closes only after that (or a grace period).
-- ``ERROR``     server -> device: ``code``, ``reason``, optional ``seq``. The message that caused
-                it is dropped; the server keeps serving.
+Every message type has a typed class (``Hello``, ``Welcome``, ``BatchHeader``, ``Ack``,
+``Heartbeat``, ``Bye``, ``Error``) whose fields carry their wire type and constraints;
+``parse_message`` validates a header against them before anything reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from dataclasses import dataclass
-from typing import Any, Sequence
+import string
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import msgpack
 import numpy as np
@@ -42,6 +31,15 @@ PROTOCOL_VERSION = 1
 MAX_DEVICE_ID_LEN = 64
 #: A header is small; anything bigger is an attack or a bug.
 MAX_HEADER_BYTES = 16 * 1024
+#: Sequence numbers, epochs and announced counts fit a signed 32-bit int: every language has one,
+#: and nothing a device does legitimately comes near it.
+MAX_INT = 2**31 - 1
+#: Most epochs a device may announce.
+MAX_EPOCHS = 1000
+#: Largest credit window a server may grant.
+MAX_WINDOW = 1024
+#: Wire names of the activation dtypes a device may announce in HELLO.
+WIRE_NAMES = ("fp16", "fp32")
 
 
 class MsgType(str, enum.Enum):
@@ -55,6 +53,8 @@ class MsgType(str, enum.Enum):
 
 
 class ErrorCode(enum.IntEnum):
+    """Why the server refused a message. docs/protocol.md says what a client does on each."""
+
     BAD_HEADER = 1
     BAD_ARRAY = 2
     UNKNOWN_TYPE = 3
@@ -64,6 +64,9 @@ class ErrorCode(enum.IntEnum):
     REFUSED = 7
     INTERNAL = 8
     NOT_AUTHORIZED = 9
+    WINDOW_EXCEEDED = 10
+    LIMIT_EXCEEDED = 11
+    BAD_VALUES = 12
 
 
 class ProtocolError(ValueError):
@@ -117,28 +120,16 @@ def _wire_dtype_name(dtype: np.dtype) -> str:
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header: the fields every message has, plus the rest as a dict."""
+    """A header whose envelope (``v``, ``type``, ``device``) is checked; ``fields`` is the rest, unchecked
+    until ``parse_message`` validates it against the message's class."""
 
     type: MsgType
     device: str
     fields: dict[str, Any]
 
-    def int_field(self, name: str, minimum: int = 0, default: int | None = None) -> int:
-        """An integer field >= minimum; raises ProtocolError if missing or wrong."""
-        value = self.fields.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{self.type.value}: field {name!r} must be an int >= {minimum}")
-        return value
-
-    def str_field(self, name: str, max_len: int = 256, default: str | None = None) -> str:
-        value = self.fields.get(name, default)
-        if not isinstance(value, str) or len(value) > max_len:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{self.type.value}: field {name!r} must be a string")
-        return value
-
 
 def decode_header(frame: bytes | memoryview) -> Header:
-    """Parse and check frame 0. Raises ProtocolError on anything unexpected."""
+    """Parse and check frame 0's envelope. Raises ProtocolError on anything unexpected."""
     raw = bytes(frame)
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
@@ -155,13 +146,206 @@ def decode_header(frame: bytes | memoryview) -> Header:
         )
     try:
         msg_type = MsgType(header.get("type"))
-    except ValueError:
+    except (ValueError, TypeError):
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {header.get('type')!r}") from None
     device = header.get("device")
     if not isinstance(device, str) or not device or len(device) > MAX_DEVICE_ID_LEN or not device.isprintable():
         raise ProtocolError(ErrorCode.BAD_HEADER, "device id must be a printable string of 1-64 characters")
     fields = {k: v for k, v in header.items() if k not in ("v", "type", "device")}
     return Header(msg_type, device, fields)
+
+
+# -- typed messages ---------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+def wire(kind: str, default: Any = _REQUIRED, *, lo: int | None = None, hi: int | None = None,
+         max_len: int | None = None, choices: Sequence[str] | None = None, doc: str = "") -> Any:
+    """Declare a message field: its wire type (``int``, ``str``, ``list[int]``, ``list[range]``, ``list[array]``)
+    and constraints. The metadata is what ``parse_message`` checks and what docs/protocol.md lists."""
+    meta = {"kind": kind, "lo": lo, "hi": hi, "max_len": max_len, "choices": tuple(choices) if choices else None,
+            "doc": doc, "required": default is _REQUIRED}
+    if default is _REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(msg: str, name: str, meta: dict, value: Any) -> Any:
+    def bad(rule: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.BAD_HEADER, f"{msg}: field {name!r} {rule}")
+
+    kind = meta["kind"]
+    if kind == "int":
+        if not _is_int(value):
+            raise bad("must be an int")
+        if (meta["lo"] is not None and value < meta["lo"]) or (meta["hi"] is not None and value > meta["hi"]):
+            raise bad(f"must be in {meta['lo']}..{meta['hi']}")
+    elif kind == "str":
+        if not isinstance(value, str) or len(value) > (meta["max_len"] or 256) or not value.isprintable():
+            raise bad(f"must be a printable string of at most {meta['max_len'] or 256} characters")
+        if meta["choices"] and value not in meta["choices"]:
+            raise bad(f"must be one of {list(meta['choices'])}")
+    elif kind in ("list[int]", "list[range]"):
+        if not isinstance(value, list) or len(value) > (meta["max_len"] or MAX_INT):
+            raise bad(f"must be a list of at most {meta['max_len']} items")
+        hi = meta["hi"] if meta["hi"] is not None else MAX_INT
+        for item in value:
+            pair = item if kind == "list[range]" else [item]
+            if kind == "list[range]" and (not isinstance(item, list) or len(item) != 2):
+                raise bad("items must be [start, end) pairs")
+            if not all(_is_int(v) and 0 <= v <= hi + (kind == "list[range]") for v in pair):
+                raise bad(f"items must be ints in 0..{hi}")
+            if kind == "list[range]" and pair[0] >= pair[1]:
+                raise bad("ranges must have start < end")
+    elif kind == "list[array]":
+        if not isinstance(value, list) or len(value) > (meta["max_len"] or 8):
+            raise bad("must be a list of array specs")
+    return value
+
+
+class Message:
+    """A typed message: subclasses are dataclasses whose fields are declared with ``wire``."""
+
+    TYPE: ClassVar[MsgType]
+
+    def header_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device"}
+
+    def frames(self, arrays: Sequence[tuple[str, np.ndarray]] = ()) -> list[Any]:
+        """This message's frames, ready for ``send_multipart``."""
+        return encode(self.TYPE, self.device, arrays, **self.header_fields())  # type: ignore[attr-defined]
+
+    @classmethod
+    def wire_fields(cls) -> list[dataclasses.Field]:
+        """The fields that travel in the header (``device`` is the envelope's)."""
+        return [f for f in dataclasses.fields(cls) if f.name != "device"]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """device -> server: the first message of a session, and of every reconnect."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    device: str
+    manifest_sha256: str = wire("str", max_len=64, doc="sha256 (lowercase hex) of the export's manifest.json")
+    split: int = wire("int", lo=1, hi=4096, doc="the export's split layer k; must equal the manifest's")
+    precision: str = wire("str", max_len=32, doc="the device model's variant label, e.g. `fp32/any`, `int8/arm64`")
+    wire_dtype: str = wire("str", choices=WIRE_NAMES, doc="activation dtype the device sends; `fp16` devices may fall back to float32 per batch")
+    num_samples: int = wire("int", -1, lo=-1, hi=MAX_INT, doc="samples the device will send over all epochs; -1 if unknown")
+    epochs: int = wire("int", 1, lo=1, hi=MAX_EPOCHS, doc="passes over the local data")
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """server -> device: the session is open."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WELCOME
+    device: str
+    window: int = wire("int", lo=1, hi=MAX_WINDOW, doc="most unacknowledged batches the device may have in flight")
+    session: str = wire("str", max_len=64, doc="server process id; a new value means the server restarted")
+    skip_epochs: list[int] = wire("list[int]", [], max_len=MAX_EPOCHS, hi=MAX_EPOCHS - 1, doc="epochs the server no longer needs")
+    done_seqs: list[list[int]] = wire("list[range]", [], max_len=65536, doc="half-open [start, end) ranges of seqs the server has trained")
+
+
+@dataclass(frozen=True)
+class BatchHeader(Message):
+    """device -> server: one batch of activations; the arrays follow the header as frames."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BATCH
+    device: str
+    seq: int = wire("int", lo=0, hi=MAX_INT, doc="the batch's number in the device's deterministic plan")
+    arrays: list[dict] = wire("list[array]", max_len=8, doc="`{name, dtype, shape}` of each array frame, in frame order")
+    epoch: int = wire("int", 0, lo=0, hi=MAX_EPOCHS - 1, doc="the epoch the batch belongs to")
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """server -> device: the batch ``seq`` is accepted; frees one slot of the window."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    device: str
+    seq: int = wire("int", lo=0, hi=MAX_INT, doc="the acknowledged batch")
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """either way: liveness; the server answers a device's heartbeat with its own."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    device: str
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """device -> server when done (totals); server -> device when training is over (reason)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BYE
+    device: str
+    batches: int = wire("int", 0, lo=0, hi=MAX_INT, doc="device -> server: batches acknowledged")
+    samples: int = wire("int", 0, lo=0, hi=MAX_INT, doc="device -> server: samples acknowledged")
+    reason: str = wire("str", "", max_len=256, doc="server -> device: why the session ends")
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """server -> device: a message was refused and changed nothing."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    device: str
+    code: int = wire("int", lo=1, hi=255, doc="an error code (table below)")
+    reason: str = wire("str", max_len=1024, doc="human-readable explanation")
+    seq: int = wire("int", -1, lo=-1, hi=MAX_INT, doc="the refused batch's seq; -1 if the message was not a batch")
+
+
+MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, BatchHeader, Ack, Heartbeat, Bye, Error)
+}
+
+
+def parse_message(header: Header) -> Message:
+    """Validate ``header.fields`` against its message class and return the typed message.
+
+    Unknown fields are ignored (a newer peer of the same version may add optional ones); a missing
+    required field, a wrong type or a value out of range raises ProtocolError (BAD_HEADER).
+    """
+    cls = MESSAGE_CLASSES[header.type]
+    values: dict[str, Any] = {"device": header.device}
+    for f in cls.wire_fields():
+        if f.name in header.fields:
+            values[f.name] = _check(header.type.value, f.name, f.metadata, header.fields[f.name])
+        elif f.metadata["required"]:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{header.type.value}: field {f.name!r} is missing")
+    if isinstance(values.get("manifest_sha256"), str) and not _is_hex64(values["manifest_sha256"]):
+        raise ProtocolError(ErrorCode.BAD_HEADER, "HELLO: field 'manifest_sha256' must be 64 lowercase hex digits")
+    return cls(**values)
+
+
+def _is_hex64(text: str) -> bool:
+    return len(text) == 64 and all(c in string.hexdigits.lower()[:16] for c in text)
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+#: A batch's arrays, by name: allowed wire dtypes and rank. Frames follow ``arrays`` order, which a
+#: receiver matches by name, never by position.
+BATCH_ARRAYS: dict[str, tuple[tuple[str, ...], int]] = {
+    "hidden": (("float16", "float32"), 3),
+    "attention_mask": (("uint8",), 2),
+    "labels": (("int64",), 1),
+    "sample_ids": (("int64",), 1),
+}
+
+#: The bound on |activation| when an export records no calibration statistics.
+DEFAULT_ACTIVATION_BOUND = 1.0e5
+#: The server's bound on received activations is the export's calibrated |max| times this.
+ACTIVATION_MARGIN = 8.0
 
 
 @dataclass(frozen=True)
@@ -173,11 +357,29 @@ class BatchSchema:
     max_batch: int
     num_labels: int
     hidden_dtypes: tuple[str, ...] = ("float16", "float32")
+    #: Largest |activation| accepted: beyond it a value is an attack or a broken device, and would make
+    #: the loss, and every later step, non-finite.
+    max_abs_activation: float = DEFAULT_ACTIVATION_BOUND
 
     @property
     def max_frame_bytes(self) -> int:
         """The largest frame a valid batch can carry (for ZMQ_MAXMSGSIZE)."""
         return self.max_batch * self.max_seq_len * self.hidden_size * 4
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The most bytes a valid BATCH can carry over all its frames (header included)."""
+        b, t = self.max_batch, self.max_seq_len
+        return self.max_frame_bytes + b * t + 2 * 8 * b + MAX_HEADER_BYTES
+
+    def for_wire(self, wire_dtype: str) -> BatchSchema:
+        """The schema for a device that announced ``wire_dtype``: an fp32 device never sends float16."""
+        allowed = ("float32",) if wire_dtype == "fp32" else self.hidden_dtypes
+        return dataclasses.replace(self, hidden_dtypes=allowed)
+
+
+#: Frames of a valid BATCH: header + one per array.
+MAX_BATCH_FRAMES = 1 + len(BATCH_ARRAYS)
 
 
 @dataclass
@@ -207,62 +409,68 @@ def batch_arrays(hidden: np.ndarray, attention_mask: np.ndarray, labels: np.ndar
     ]
 
 
+def _array_specs(specs: Any, bad) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """name -> (dtype, shape, frame index); every array present once, nothing else."""
+    if not isinstance(specs, list) or len(specs) != len(BATCH_ARRAYS):
+        raise bad(f"arrays must list exactly {sorted(BATCH_ARRAYS)}")
+    out: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    for index, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise bad("each array spec must be a map of name, dtype, shape")
+        name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
+        if name not in BATCH_ARRAYS or name in out:
+            raise bad(f"arrays must list exactly {sorted(BATCH_ARRAYS)}, each once (got {name!r})")
+        dtypes, rank = BATCH_ARRAYS[name]
+        if dtype not in dtypes:
+            raise bad(f"{name} dtype {dtype!r} not in {dtypes}")
+        if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(d) and 0 <= d <= MAX_INT for d in shape):
+            raise bad(f"{name} shape {shape!r} must be {rank} non-negative ints")
+        out[name] = (dtype, tuple(shape), index)
+    return out
+
+
 def decode_batch(header: Header, frames: Sequence[Any], schema: BatchSchema) -> Batch:
     """Validate a BATCH header and its array frames against ``schema``; only then build arrays.
 
-    Checks, in order: the array list names exactly the four arrays, dtypes are allowed,
-    shapes are consistent with each other and within the manifest's limits, every frame's
-    byte count matches its declared shape, masks are 0/1, labels are in range.
+    Checks, in order: the header's fields, the array list names each of the four arrays once,
+    dtypes are allowed, shapes agree with each other and with the manifest's limits, every frame's
+    byte count matches its declared shape, masks are 0/1 with a real token per row, labels are in
+    range, sample ids are distinct, and every activation is finite and within the schema's bound.
     """
-    seq = header.int_field("seq")
-    epoch = header.int_field("epoch", default=0)
+    msg = parse_message(header)
+    assert isinstance(msg, BatchHeader)
+    seq = msg.seq
 
-    def bad(reason: str) -> ProtocolError:
-        return ProtocolError(ErrorCode.BAD_ARRAY, f"BATCH seq {seq}: {reason}", seq=seq)
+    def bad(reason: str, code: ErrorCode = ErrorCode.BAD_ARRAY) -> ProtocolError:
+        return ProtocolError(code, f"BATCH seq {seq}: {reason}", seq=seq)
 
-    specs = header.fields.get("arrays")
-    expected = ["hidden", "attention_mask", "labels", "sample_ids"]
-    if not isinstance(specs, list) or [s.get("name") if isinstance(s, dict) else None for s in specs] != expected:
-        raise bad(f"arrays must be {expected}")
+    specs = _array_specs(msg.arrays, bad)
     if len(frames) != len(specs):
         raise bad(f"{len(specs)} arrays declared, {len(frames)} frames received")
-    allowed = {
-        "hidden": schema.hidden_dtypes,
-        "attention_mask": ("uint8",),
-        "labels": ("int64",),
-        "sample_ids": ("int64",),
-    }
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        name, dtype, shape = spec["name"], spec.get("dtype"), spec.get("shape")
-        if dtype not in allowed[name]:
-            raise bad(f"{name} dtype {dtype!r} not in {allowed[name]}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise bad(f"{name} shape {shape!r} is not a list of non-negative ints")
-        shapes[name] = tuple(shape)
-    if len(shapes["hidden"]) != 3:
-        raise bad(f"hidden must be [B,T,H], got {list(shapes['hidden'])}")
-    b, t, h = shapes["hidden"]
+    if specs["hidden"][0] not in schema.hidden_dtypes:
+        raise bad(f"hidden dtype {specs['hidden'][0]!r} not allowed for this device (allowed: {list(schema.hidden_dtypes)})")
+    b, t, h = specs["hidden"][1]
     if h != schema.hidden_size:
         raise bad(f"hidden size {h} != manifest hidden size {schema.hidden_size}")
     if not 1 <= b <= schema.max_batch:
         raise bad(f"batch size {b} outside 1..{schema.max_batch}")
     if not 1 <= t <= schema.max_seq_len:
         raise bad(f"sequence length {t} outside 1..{schema.max_seq_len}")
-    if shapes["attention_mask"] != (b, t):
-        raise bad(f"attention_mask shape {list(shapes['attention_mask'])} != [{b}, {t}]")
+    if specs["attention_mask"][1] != (b, t):
+        raise bad(f"attention_mask shape {list(specs['attention_mask'][1])} != [{b}, {t}]")
     for name in ("labels", "sample_ids"):
-        if shapes[name] != (b,):
-            raise bad(f"{name} shape {list(shapes[name])} != [{b}]")
+        if specs[name][1] != (b,):
+            raise bad(f"{name} shape {list(specs[name][1])} != [{b}]")
 
     arrays: dict[str, np.ndarray] = {}
-    for spec, frame in zip(specs, frames):
-        dtype = WIRE_DTYPES[spec["dtype"]]
-        buf = memoryview(frame).cast("B") if not isinstance(frame, (bytes, bytearray)) else frame
-        want = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+    for name, (dtype_name, shape, index) in specs.items():
+        dtype = WIRE_DTYPES[dtype_name]
+        frame = frames[index]
+        buf = frame if isinstance(frame, (bytes, bytearray)) else memoryview(frame).cast("B")
+        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if len(buf) != want:
-            raise bad(f"{spec['name']} frame has {len(buf)} bytes, shape needs {want}")
-        arrays[spec["name"]] = np.frombuffer(buf, dtype=dtype).reshape(spec["shape"])
+            raise bad(f"{name} frame has {len(buf)} bytes, shape needs {want}")
+        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
 
     mask = arrays["attention_mask"]
     if mask.max(initial=0) > 1:
@@ -270,8 +478,16 @@ def decode_batch(header: Header, frames: Sequence[Any], schema: BatchSchema) -> 
     if not mask.any(axis=1).all():
         raise bad("every sample needs at least one real token")
     labels = arrays["labels"]
-    if labels.size and (labels.min() < 0 or labels.max() >= schema.num_labels):
+    if labels.min() < 0 or labels.max() >= schema.num_labels:
         raise bad(f"labels outside 0..{schema.num_labels - 1}")
-    if not np.isfinite(arrays["hidden"]).all():
-        raise bad("hidden contains NaN or Inf")
-    return Batch(header.device, seq, epoch, arrays["hidden"], mask, labels, arrays["sample_ids"])
+    if np.unique(arrays["sample_ids"]).size != b:
+        raise bad("sample_ids must be distinct within a batch")
+    hidden = arrays["hidden"]
+    # min/max propagate NaN, so one comparison each catches NaN, Inf and out-of-bound values
+    # without allocating an array the size of the batch.
+    lo, hi, bound = float(hidden.min()), float(hidden.max()), schema.max_abs_activation
+    if not (-bound <= lo and hi <= bound):
+        if not np.isfinite(hidden).all():
+            raise bad("hidden contains NaN or Inf", ErrorCode.BAD_VALUES)
+        raise bad(f"hidden values in [{lo:.4g}, {hi:.4g}] exceed the bound {bound:.4g}", ErrorCode.BAD_VALUES)
+    return Batch(header.device, seq, msg.epoch, hidden, mask, labels, arrays["sample_ids"])

@@ -98,7 +98,7 @@ def test_bad_values_are_rejected():
     expect_error([bytes(f) for f in frames_of(arrays)], ErrorCode.BAD_ARRAY)  # mask not 0/1
     arrays = good_batch(np.float32)
     arrays[0][1][0, 0, 0] = np.nan
-    expect_error([bytes(f) for f in frames_of(arrays)], ErrorCode.BAD_ARRAY)
+    expect_error([bytes(f) for f in frames_of(arrays)], ErrorCode.BAD_VALUES)
 
 
 def test_bad_headers_are_rejected():

@@ -102,7 +102,7 @@ def test_batch_before_hello_is_refused(server):
 def test_wrong_manifest_is_refused(server):
     receiver, _, manifest, _ = server
     other = Device(receiver.endpoint, "other")
-    other.send(encode(MsgType.HELLO, "other", manifest_sha256="0" * 64, split=manifest.split))
+    other.send(encode(MsgType.HELLO, "other", manifest_sha256="0" * 64, split=manifest.split, precision="fp32/any", wire_dtype="fp16"))
     reply = other.recv()
     assert reply.type == MsgType.ERROR and reply.fields["code"] == ErrorCode.MANIFEST_MISMATCH
 

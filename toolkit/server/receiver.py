@@ -20,15 +20,19 @@ from typing import Any, Callable
 import zmq
 from sftool.runtime.manifest import Manifest
 from sftool.runtime.protocol import (
+    MAX_BATCH_FRAMES,
     Batch,
     BatchSchema,
+    Bye,
     ErrorCode,
     Header,
+    Hello,
     MsgType,
     ProtocolError,
     decode_batch,
     decode_header,
     encode,
+    parse_message,
 )
 
 #: How far (as a fraction of its announced data) a device may run ahead of the slowest active device
@@ -46,6 +50,21 @@ SERVER_ID = "server"
 
 #: When a batch is acknowledged (see ``Receiver.ack``).
 ACK_POLICIES = ("queued", "taken", "trained")
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """What bounds the server's memory and time whatever devices send or claim (docs/protocol.md)."""
+
+    #: Device sessions at once; a HELLO from a new device beyond it is refused.
+    max_sessions: int = 256
+    #: Most samples one device may announce, or send, in a run.
+    max_samples_per_device: int = 10_000_000
+    #: Invalid messages from one connection before it is disconnected for the rest of the run.
+    max_strikes: int = 16
+    #: Longest a pacing hold keeps one credit: a device that lags, or lies about its size, slows the
+    #: others by at most this much per credit instead of stopping them.
+    pace_max_hold_s: float = 30.0
 
 
 @dataclass
@@ -77,13 +96,25 @@ class DeviceSession:
     rejected: int = 0
     said_bye: bool = False
     timed_out: bool = False
+    #: Disconnected by the server for sending invalid messages.
+    banned: bool = False
+    schema: BatchSchema | None = None
     skip_epochs: list[int] = field(default_factory=list)
     #: Samples the device announced it will send in this run (0: unknown, never paced).
     planned_samples: int = 0
 
     @property
     def finished(self) -> bool:
-        return self.said_bye or self.timed_out
+        return self.said_bye or self.timed_out or self.banned
+
+    @property
+    def state(self) -> str:
+        """How the session stands: streaming, finished (confirmed BYE), silent (timed out), disconnected."""
+        if self.banned:
+            return "disconnected"
+        if self.said_bye:
+            return "finished"
+        return "silent" if self.timed_out else "streaming"
 
     @property
     def progress(self) -> float | None:
@@ -116,6 +147,7 @@ class Receiver(threading.Thread):
         curve: dict[str, Any] | None = None,
         device_keys: dict[str, str] | None = None,
         goodbye_grace_s: float = GOODBYE_GRACE_S,
+        limits: LinkLimits = LinkLimits(),
     ):
         super().__init__(name="sftool-receiver", daemon=True)
         self.goodbye_grace_s = goodbye_grace_s
@@ -123,6 +155,7 @@ class Receiver(threading.Thread):
         #: whose key (the ZAP User-Id) is the one bound to the device id it names.
         self.device_keys = device_keys
         self.accepted = accepted
+        self.limits = limits
         self.queue = batches
         if ack not in ACK_POLICIES:
             raise ValueError(f"ack must be one of {ACK_POLICIES}")
@@ -137,13 +170,18 @@ class Receiver(threading.Thread):
         self.device_timeout_s = device_timeout_s
         #: Pace credits by announced data size, so devices finish together (see _ahead).
         self.pace = pace
-        self._held: dict[str, list[int]] = {}
+        #: Credits a pacing hold keeps back: device -> [(seq, since)].
+        self._held: dict[str, list[tuple[int, float]]] = {}
+        #: Invalid messages per connection, and connections disconnected for them.
+        self._strikes: dict[bytes, int] = {}
+        self._banned: set[bytes] = set()
         self.session_id = uuid.uuid4().hex[:12]
         self.sessions: dict[str, DeviceSession] = {}
         self.errors_sent = 0
         self.bytes_received = 0
         self._pending: deque[ReceivedBatch] = deque()
         self._trained: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._flags: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._stop_reason: str | None = None
         self._header_bytes = 0
         #: Trained seqs of a device (set by the trainer), sent in WELCOME so a device that comes
@@ -162,6 +200,10 @@ class Receiver(threading.Thread):
         # Drop (at the transport) any frame larger than the largest valid batch could be.
         largest = max(a.schema.max_frame_bytes for a in accepted.values())
         self.sock.setsockopt(zmq.MAXMSGSIZE, largest + 64 * 1024)
+        self._max_message_bytes = max(a.schema.max_message_bytes for a in accepted.values())
+        # libzmq queues whole messages per connection up to this many; past it, it stops reading that
+        # connection (TCP backpressure), so a device ignoring its window cannot fill memory.
+        self.sock.setsockopt(zmq.RCVHWM, 2 * self.window + 8)
         if curve:
             self.sock.curve_server = True
             self.sock.curve_secretkey = curve["secret"]
@@ -206,11 +248,12 @@ class Receiver(threading.Thread):
                     # Handle a burst before housekeeping, but yield regularly.
                     for _ in range(64):
                         try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames, oversized = self._recv_bounded()
                         except zmq.Again:
                             break
-                        self._on_message(frames)
+                        self._on_message(frames, oversized)
                 self._flush_pending()
+                self._take_flags()
                 self._send_trained_acks()
                 self._release_held()
                 self._check_timeouts()
@@ -224,6 +267,20 @@ class Receiver(threading.Thread):
         return self._stopped.wait(timeout)
 
     # -- message handling -------------------------------------------------------------------
+    def _recv_bounded(self) -> tuple[list[zmq.Frame], bool]:
+        """One message, frame by frame: frames past the most a valid message has, or past its byte
+        budget, are read and let go at once, never held together. True when it had too many."""
+        frames = [self.sock.recv(zmq.NOBLOCK, copy=False)]
+        total, oversized = 0, False
+        while frames[-1].more or (oversized and self.sock.getsockopt(zmq.RCVMORE)):
+            frame = self.sock.recv(copy=False)
+            total += len(frame.buffer)
+            if oversized or len(frames) > MAX_BATCH_FRAMES or total > self._max_message_bytes:
+                oversized = True
+                continue
+            frames.append(frame)
+        return frames, oversized
+
     def _send(self, routing_id: bytes, msg_type: MsgType, **fields: Any) -> None:
         self.sock.send_multipart([routing_id, *encode(msg_type, SERVER_ID, **fields)])
 
@@ -235,10 +292,16 @@ class Receiver(threading.Thread):
             fields["seq"] = seq
         self._send(routing_id, MsgType.ERROR, **fields)
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[zmq.Frame], oversized: bool = False) -> None:
         routing_id = frames[0].bytes
+        if routing_id in self._banned:
+            return  # disconnected for the rest of the run: not even an answer
         if len(frames) < 2:
-            return self._error(routing_id, ErrorCode.BAD_HEADER, "empty message")
+            return self._refuse(routing_id, ProtocolError(ErrorCode.BAD_HEADER, "empty message"))
+        if oversized:
+            return self._refuse(routing_id, ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"message exceeds {MAX_BATCH_FRAMES} frames or {self._max_message_bytes} bytes: dropped unread"))
         self._header_bytes = len(frames[1].buffer)
         try:
             header = decode_header(frames[1].buffer)
@@ -252,14 +315,51 @@ class Receiver(threading.Thread):
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"a device may not send {header.type.value}")
             handler(routing_id, header, frames[2:])
+            session = self.sessions.get(header.device)
+            if session is not None and session.routing_id == routing_id:
+                session.last_seen = time.monotonic()  # only a valid message shows a device is alive
         except ProtocolError as exc:
-            session = self._session_for(routing_id)
-            if session is not None:
-                session.rejected += 1
-            self._error(routing_id, exc.code, exc.reason, exc.seq)
+            self._refuse(routing_id, exc)
         except Exception as exc:  # a bug in handling one message must not take the server down
             log.exception("internal error handling a message")
             self._error(routing_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _refuse(self, routing_id: bytes, exc: ProtocolError) -> None:
+        """Answer a refused message with an ERROR; disconnect a connection that keeps sending them."""
+        session = self._session_for(routing_id)
+        if session is not None:
+            session.rejected += 1
+        self._error(routing_id, exc.code, exc.reason, exc.seq)
+        if len(self._strikes) > 4 * self.limits.max_sessions and routing_id not in self._strikes:
+            self._strikes.pop(next(iter(self._strikes)))  # bounded: forget the oldest offender
+        strikes = self._strikes[routing_id] = self._strikes.get(routing_id, 0) + 1
+        if strikes >= self.limits.max_strikes:
+            self.disconnect(routing_id, f"{strikes} invalid messages")
+
+    def disconnect(self, routing_id: bytes, why: str) -> None:
+        """End a connection for the rest of the run: BYE with the reason, then ignore it."""
+        log.warning("disconnecting %r: %s", routing_id.decode(errors="replace"), why)
+        self._banned.add(routing_id)
+        with self._lock:
+            session = self._session_for(routing_id)
+            if session is not None:
+                session.banned = True
+        self._held.pop(session.device, None) if session is not None else None
+        self._send(routing_id, MsgType.BYE, reason=f"disconnected: {why}")
+
+    def flag(self, device: str, why: str) -> None:
+        """The trainer refused a batch of this device (its step would not have been finite): a strike."""
+        self._flags.put((device, why))
+
+    def _take_flags(self) -> None:
+        while True:
+            try:
+                device, why = self._flags.get_nowait()
+            except queue.Empty:
+                return
+            session = self.sessions.get(device)
+            if session is not None and not session.banned:
+                self._refuse(session.routing_id, ProtocolError(ErrorCode.BAD_VALUES, why))
 
     def _check_key(self, frame: zmq.Frame, header: Header) -> None:
         """With an allow-list, the connection's key must be the key bound to the device id it names."""
@@ -282,62 +382,66 @@ class Receiver(threading.Thread):
         session = self.sessions.get(header.device)
         if session is None or session.routing_id != routing_id:
             raise ProtocolError(ErrorCode.NOT_WELCOMED, f"device {header.device!r} must say HELLO first")
-        session.last_seen = time.monotonic()
         return session
 
     def _on_hello(self, routing_id: bytes, header: Header, frames: list) -> None:
-        sha = header.str_field("manifest_sha256", 64)
-        accepted = self.accepted.get(sha)
+        # Every check comes before any change: a refused HELLO leaves no trace.
+        hello = parse_message(header)
+        assert isinstance(hello, Hello)
+        accepted = self.accepted.get(hello.manifest_sha256)
         if accepted is None:
             raise ProtocolError(
                 ErrorCode.MANIFEST_MISMATCH,
-                f"manifest {sha[:12]} is not one this server accepts (export the device artifacts from the "
-                f"same model; accepted splits: {sorted(a.manifest.split for a in self.accepted.values())})",
+                f"manifest {hello.manifest_sha256[:12]} is not one this server accepts (export the device artifacts "
+                f"from the same model; accepted splits: {sorted(a.manifest.split for a in self.accepted.values())})",
             )
-        split = header.int_field("split", 1)
-        if split != accepted.manifest.split:
-            raise ProtocolError(ErrorCode.MANIFEST_MISMATCH, f"split {split} != manifest split {accepted.manifest.split}")
+        if hello.split != accepted.manifest.split:
+            raise ProtocolError(ErrorCode.MANIFEST_MISMATCH, f"split {hello.split} != manifest split {accepted.manifest.split}")
+        if hello.num_samples > self.limits.max_samples_per_device:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                f"{hello.num_samples} samples announced; this server takes at most "
+                                f"{self.limits.max_samples_per_device} per device")
+        session = self.sessions.get(hello.device)
+        if session is None and sum(not s.finished for s in self.sessions.values()) >= self.limits.max_sessions:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"the server has {self.limits.max_sessions} devices already")
+        if session is not None and session.banned:
+            raise ProtocolError(ErrorCode.REFUSED, f"device {hello.device!r} was disconnected for invalid messages")
+        schema = accepted.schema.for_wire(hello.wire_dtype)
         now = time.monotonic()
-        with self._lock:
-            session = self.sessions.get(header.device)
-            if session is None:
-                session = DeviceSession(
-                    device=header.device,
-                    routing_id=routing_id,
-                    split=split,
-                    precision=header.str_field("precision", 32, "unknown"),
-                    wire_dtype=header.str_field("wire_dtype", 16, "unknown"),
-                    connected_at=now,
-                    last_seen=now,
-                )
-                self.sessions[header.device] = session
-                epochs = header.int_field("epochs", 1, default=1)
-                samples = header.fields.get("num_samples", -1)
-                samples = samples if isinstance(samples, int) and samples > 0 else 0
-                session.skip_epochs = self.plan_skip_epochs(
-                    header.device, epochs, samples // epochs, accepted.manifest.max_seq_len
-                )
-                session.planned_samples = samples * max(0, epochs - len(session.skip_epochs)) // epochs
-                log.info("device %s joined: split %d, %s, wire %s", header.device, split, session.precision, session.wire_dtype)
-            else:
-                # A reconnect: keep what we have seen so resent batches are deduplicated.
+        if session is None:
+            epochs = hello.epochs
+            samples = max(hello.num_samples, 0)
+            skip = self.plan_skip_epochs(hello.device, epochs, samples // epochs, accepted.manifest.max_seq_len)
+            session = DeviceSession(
+                device=hello.device, routing_id=routing_id, split=hello.split, precision=hello.precision,
+                wire_dtype=hello.wire_dtype, connected_at=now, last_seen=now, schema=schema, skip_epochs=skip,
+                planned_samples=samples * max(0, epochs - len(skip)) // epochs,
+            )
+            with self._lock:
+                self.sessions[hello.device] = session
+            log.info("device %s joined: split %d, %s, wire %s", hello.device, hello.split, hello.precision, hello.wire_dtype)
+        else:
+            # A reconnect (or, without keys, another connection naming this device): keep what was
+            # seen, so resent batches are deduplicated.
+            with self._lock:
                 session.routing_id, session.last_seen, session.timed_out = routing_id, now, False
-                session.split = split
-                log.info("device %s reconnected", header.device)
+                session.split, session.precision, session.wire_dtype, session.schema = (
+                    hello.split, hello.precision, hello.wire_dtype, schema)
+            log.info("device %s reconnected", hello.device)
         self._send(
             routing_id,
             MsgType.WELCOME,
             window=self.window,
             session=self.session_id,
             skip_epochs=session.skip_epochs,
-            done_seqs=self.done_seqs_for(header.device),
+            done_seqs=self.done_seqs_for(hello.device),
         )
 
     def _on_batch(self, routing_id: bytes, header: Header, frames: list) -> None:
         session = self._welcomed(routing_id, header)
-        accepted = next(a for a in self.accepted.values() if a.manifest.split == session.split)
+        assert session.schema is not None
         buffers = [f.buffer for f in frames]
-        batch = decode_batch(header, buffers, accepted.schema)
+        batch = decode_batch(header, buffers, session.schema)
         nbytes = sum(len(b) for b in buffers) + self._header_bytes
         if batch.seq in session.seen:
             # A resend after a reconnect: never train it twice; re-ACK unless its ACK is still due.
@@ -345,6 +449,14 @@ class Receiver(threading.Thread):
             if batch.seq not in session.unacked:
                 self._send(routing_id, MsgType.ACK, seq=batch.seq)
             return
+        if len(session.unacked) >= self.window:
+            raise ProtocolError(ErrorCode.WINDOW_EXCEEDED,
+                                f"BATCH seq {batch.seq}: {len(session.unacked)} batches unacknowledged, window {self.window}",
+                                seq=batch.seq)
+        cap = session.planned_samples or self.limits.max_samples_per_device
+        if session.samples + batch.size > cap:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                f"BATCH seq {batch.seq}: more samples than the {cap} announced", seq=batch.seq)
         with self._lock:
             session.seen.add(batch.seq)
             session.unacked.add(batch.seq)
@@ -352,17 +464,22 @@ class Receiver(threading.Thread):
             session.samples += batch.size
             session.bytes_received += nbytes
             self.bytes_received += nbytes
+        self._strikes.pop(routing_id, None)
         self._pending.append(ReceivedBatch(batch, session.split, time.monotonic()))
         self._flush_pending()
 
     def _on_heartbeat(self, routing_id: bytes, header: Header, frames: list) -> None:
+        parse_message(header)
         self._welcomed(routing_id, header)
         self._send(routing_id, MsgType.HEARTBEAT)
 
     def _on_bye(self, routing_id: bytes, header: Header, frames: list) -> None:
+        bye = parse_message(header)
+        assert isinstance(bye, Bye)
         session = self._welcomed(routing_id, header)
         with self._lock:
             session.said_bye = True
+        self._held.pop(session.device, None)
         log.info("device %s finished: %d batches, %d samples", session.device, session.batches, session.samples)
         self._send(routing_id, MsgType.BYE, reason="bye")
 
@@ -391,7 +508,8 @@ class Receiver(threading.Thread):
         if session is None:
             return
         if self._ahead(session):
-            self._held.setdefault(device, []).append(seq)  # this credit waits for the others to catch up
+            # This credit waits for the others to catch up, but not for longer than pace_max_hold_s.
+            self._held.setdefault(device, []).append((seq, time.monotonic()))
             return
         self._send_ack(session, seq)
 
@@ -419,10 +537,13 @@ class Receiver(threading.Thread):
         return bool(others) and mine > min(others) + PACE_SLACK
 
     def _release_held(self) -> None:
+        now = time.monotonic()
         for device in list(self._held):
             session = self.sessions[device]
-            if not self._ahead(session):
-                for seq in self._held.pop(device):
+            held = self._held[device]
+            if not self._ahead(session) or now - held[0][1] > self.limits.pace_max_hold_s:
+                del self._held[device]
+                for seq, _ in held:
                     self._send_ack(session, seq)
 
     def _check_timeouts(self) -> None:
