@@ -149,3 +149,42 @@ def time_(
     if out:
         write_results(results, out)
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def link(
+    batch: int = typer.Option(8, help="Samples per batch (default: the SmolLM2-135M split's real batch)."),
+    seq_len: int = typer.Option(128, help="Tokens per sample."),
+    hidden: int = typer.Option(576, help="Hidden size of the activations (SmolLM2-135M: 576)."),
+    dtype: str = typer.Option("fp16", help="Activation dtype on the wire: fp16 or fp32."),
+    batches: int = typer.Option(300, help="Batches per timed stream."),
+    window: int = typer.Option(4, help="Most unacknowledged batches in flight (the server's default window)."),
+    repeats: int = typer.Option(5, help="Interleaved repetitions (the median is reported)."),
+    ack: str = typer.Option("queued", help="The receiver's ACK policy: queued (at queue entry) or taken (when consumed)."),
+    transports: str = typer.Option("tcp,curve", help="Comma list: tcp (plain), curve (CurveZMQ)."),
+    out: Optional[Path] = typer.Option(None, "--out", "--json", help="Write the results as JSON."),
+) -> None:
+    """Goodput of the device-server protocol vs a bare pyzmq DEALER/ROUTER loop on loopback, plain TCP and CurveZMQ."""
+    from rich.console import Console
+    from sftool.bench_link import DTYPES, TRANSPORTS, LinkBenchConfig, print_link_bench, run_link_bench, write_results
+
+    err = Console(stderr=True, highlight=False)
+    chosen = tuple(t.strip() for t in transports.split(",") if t.strip())
+    try:
+        if min(batch, seq_len, hidden, batches, window, repeats) < 1:
+            raise SftoolError("--batch, --seq-len, --hidden, --batches, --window and --repeats must be >= 1")
+        if dtype not in DTYPES:
+            raise SftoolError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if ack not in ("queued", "taken"):
+            raise SftoolError("--ack must be queued or taken")
+        if not chosen or set(chosen) - set(TRANSPORTS):
+            raise SftoolError(f"--transports must list some of {', '.join(TRANSPORTS)}")
+        cfg = LinkBenchConfig(batch=batch, seq_len=seq_len, hidden=hidden, dtype=dtype, batches=batches, window=window,
+                              repeats=repeats, ack=ack, transports=chosen)
+        results = run_link_bench(cfg, log=lambda m: err.print(f"[dim]bench:[/] {m}"))
+    except SftoolError as exc:
+        raise exit_for(exc) from None
+    print_link_bench(results)
+    if out:
+        write_results(results, out)
+        typer.echo(f"wrote {out}")
