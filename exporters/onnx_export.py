@@ -1,4 +1,5 @@
-"""`sftool export`: write the frozen device part as ONNX, check it against PyTorch, write the manifest."""
+"""`sftool export`: write the frozen device part as ONNX (standard, and optimized for onnxruntime), check it
+against PyTorch, write the manifest."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from sftool.runtime.manifest import MANIFEST_NAME, Manifest, Variant, sha256_fil
 EXPORTERS = ("dynamo", "torchscript")
 #: Graph optimizations an export may save: portable across CPUs (ORT_ENABLE_ALL is not).
 GRAPH_OPTIMIZATIONS = ("extended", "basic", "none")
+#: The fp32 model in standard ONNX: what any ONNX runtime loads.
 DEVICE_ONNX = "device.onnx"
+#: The same model for onnxruntime: fused contrib kernels, graph optimizations saved.
+OPTIMIZED_ONNX = "device.ort.onnx"
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAME = "hidden_states"
 #: Largest acceptable ORT-vs-PyTorch difference of the fp32 export, on real (non-padding) positions,
@@ -42,8 +46,9 @@ class ExportOptions:
     opset: int = 18
     int8_targets: list[str] = field(default_factory=list)
     seed: int = 0
-    #: onnxruntime graph optimization saved into the files: "extended" (default) or "basic" -- both
-    #: portable to ARM64 -- or "none". ("all" adds layouts specific to the exporting CPU: refused.)
+    #: onnxruntime graph optimization saved into the onnxruntime files (``device.ort.onnx``, int8):
+    #: "extended" (default) or "basic" -- both portable to ARM64 -- or "none". ("all" adds layouts
+    #: specific to the exporting CPU: refused.) ``device.onnx`` is always the plain standard graph.
     graph_optimization: str = "extended"
     #: SmoothQuant migration strength for the int8 variants (0 turns smoothing off).
     int8_smooth_alpha: float = SMOOTH_ALPHA
@@ -122,27 +127,110 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarr
     }
 
 
+def activation_abs_max(reference: np.ndarray, mask: np.ndarray) -> float:
+    """Largest |activation| of ``reference`` [B, T, H] over real (non-padding) positions."""
+    return float(np.abs(reference[mask.astype(bool)]).max())
+
+
+@dataclass
+class Fp32Files:
+    """The fp32 model of an export: the standard-ONNX ``device.onnx`` and, where onnxruntime has a
+    faster form of it, ``optimized`` (fused layers, saved graph optimizations)."""
+
+    optimized: str | None
+    portable_method: str
+    optimized_method: str
+    opset: int
+
+    @property
+    def method(self) -> str:
+        """How the files were made, both named where there are two (a Variant's ``method``)."""
+        if self.optimized is None:
+            return self.portable_method
+        return f"{self.portable_method}; optimized: {self.optimized_method}"
+
+
+def write_fp32_files(device_part, staging: Path, opts: ExportOptions, max_seq_len: int, example: tuple, log) -> Fp32Files:
+    """Write ``device.onnx`` (the plain part, standard ONNX, checked) and ``device.ort.onnx`` (the
+    family's fused layers where it has them, saved as optimized by onnxruntime) into ``staging``."""
+    import onnx
+    import torch
+    from sftool.exporters.portable import require_standard_onnx
+    from sftool.exporters.quantize import ort_optimize
+
+    inputs = tuple(map(torch.from_numpy, example))
+    portable = staging / DEVICE_ONNX
+    _export_onnx(device_part, portable, opts.exporter, opts.opset, inputs)
+    require_standard_onnx(portable)
+    proto = onnx.load(str(portable), load_external_data=False)
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opts.opset)
+    del proto
+    portable_method = f"torch.onnx/{opts.exporter}"
+
+    # Fused layers (onnxruntime contrib kernels) exist only for the dynamo exporter.
+    fused = device_part.fused_for_export(max_seq_len) if opts.exporter == "dynamo" else device_part
+    if not fused.fused and opts.graph_optimization == "none":
+        return Fp32Files(None, portable_method, "", opset)  # onnxruntime would get the same file
+    source = portable
+    if fused.fused:
+        source = staging / f".{OPTIMIZED_ONNX}.plain"
+        log(f"exporting the fused layers for onnxruntime ({OPTIMIZED_ONNX})")
+        _export_onnx(fused, source, opts.exporter, opts.opset, inputs)
+    optimized = staging / OPTIMIZED_ONNX
+    if opts.graph_optimization == "none":
+        source.replace(optimized)
+    else:
+        log(f"saving the graph optimized by onnxruntime ({opts.graph_optimization}, portable to ARM64)")
+        ort_optimize(source, optimized, opts.graph_optimization)
+        if source != portable:
+            source.unlink()
+    method = portable_method + (" + fused layers" if fused.fused else "")
+    method += "" if opts.graph_optimization == "none" else f" + ort.{opts.graph_optimization}"
+    return Fp32Files(OPTIMIZED_ONNX, portable_method, method, opset)
+
+
+def shape_parity(path: Path, device_part, inputs: list[tuple[np.ndarray, np.ndarray]], settings=None) -> dict[str, dict[str, float]]:
+    """``compare_outputs`` of the file at ``path`` (onnxruntime, ``settings``) and PyTorch, per batch shape."""
+    from sftool.exporters.quantize import torch_reference
+    from sftool.runtime.onnx_model import open_session
+
+    session = open_session(path, settings)
+    parity = {}
+    for ids, mask in inputs:
+        got = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+        parity[f"{ids.shape[0]}x{ids.shape[1]}"] = compare_outputs(torch_reference(device_part, (ids, mask)), got, mask)
+    return parity
+
+
+def check_fp32_parity(parities: dict[str, dict[str, dict[str, float]]]) -> float:
+    """Raise SftoolError if any file's parity exceeds FP32_PARITY_TOLERANCE x max |activation|;
+    return the worst max abs diff. ``parities``: file name -> ``shape_parity``."""
+    for name, parity in parities.items():
+        worst = max(p["max_abs_diff"] for p in parity.values())
+        scale = max(1.0, max(p["ref_max_abs"] for p in parity.values()))
+        if worst > FP32_PARITY_TOLERANCE * scale:
+            raise SftoolError(
+                f"ONNX export {name} differs from PyTorch by {worst:.2e} (> {FP32_PARITY_TOLERANCE} x max |activation| "
+                f"{scale:.3g}); not writing it"
+            )
+    return max(p["max_abs_diff"] for parity in parities.values() for p in parity.values())
+
+
 def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Manifest:
     """Export the device part of ``opts.source`` at ``opts.split`` into ``opts.out``.
 
+    ``device.onnx`` is standard ONNX (any ONNX runtime loads it); the faster onnxruntime form of the
+    same model and the int8 models are separate files, all listed in the manifest's variants.
     Everything is written into a temporary folder beside ``out`` and moved into place at the end,
     so a failed export never leaves a half-written artifacts folder behind.
     """
-    import onnx
     import torch
     from sftool.exporters.families import adapter_for
     from sftool.exporters.int8_prep import int8_rewrite_note, prepare_for_int8
     from sftool.exporters.model_source import load_model, load_tokenizer, pad_token_id
     from sftool.exporters.partition import DevicePart, check_split, weights_fingerprint
-    from sftool.exporters.quantize import (
-        calibration_batch,
-        ort_optimize,
-        ort_parity,
-        quantize_variants,
-        resolve_targets,
-        torch_reference,
-    )
-    from sftool.runtime.onnx_model import open_session
+    from sftool.exporters.quantize import calibration_batch, ort_parity, quantize_variants, resolve_targets, torch_reference
+    from sftool.runtime.onnx_model import SessionSettings
 
     if opts.exporter not in EXPORTERS:
         raise SftoolError(f"--exporter must be one of {', '.join(EXPORTERS)}")
@@ -162,55 +250,37 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     max_seq_len = min(opts.max_seq_len, adapter.max_positions(model.config))
     device_part = DevicePart(adapter, adapter.backbone(model), opts.split).eval()
     vocab = int(model.config.vocab_size)
+    # The standard file is checked as a runtime without onnxruntime's rewrites would run it.
+    plain_settings = SessionSettings(optimization="disable")
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         log(f"exporting {adapter.name} blocks 0..{opts.split - 1} of {num_layers} to ONNX ({opts.exporter})")
         example = parity_inputs(vocab, [(2, 8)], opts.seed, pad_id)[0]
-        plain = staging / f".{DEVICE_ONNX}.plain"  # as exported
-        # Fused layers (onnxruntime contrib kernels) exist only for the dynamo exporter.
-        fuse = opts.exporter == "dynamo"
-        export_part = device_part.fused_for_export(max_seq_len) if fuse else device_part
-        _export_onnx(export_part, plain, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
-        proto = onnx.load(str(plain))
-        onnx.checker.check_model(proto)
-        opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opts.opset)
-        del proto
-        if opts.graph_optimization == "none":
-            shutil.copyfile(plain, staging / DEVICE_ONNX)
-        else:
-            log(f"saving the graph optimized by onnxruntime ({opts.graph_optimization}, portable to ARM64)")
-            ort_optimize(plain, staging / DEVICE_ONNX, opts.graph_optimization)
+        fp32 = write_fp32_files(device_part, staging, opts, max_seq_len, example, log)
 
-        log("checking the saved model with onnxruntime against PyTorch at two shapes")
-        session = open_session(staging / DEVICE_ONNX)  # as a device loads it
-        shapes = [(2, 7), (3, min(33, max_seq_len))]
-        parity: dict[str, dict[str, float]] = {}
-        for ids, mask in parity_inputs(vocab, shapes, opts.seed + 1, pad_id):
-            got = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
-            parity[f"{ids.shape[0]}x{ids.shape[1]}"] = compare_outputs(torch_reference(device_part, (ids, mask)), got, mask)
-        del session
-        worst = max(p["max_abs_diff"] for p in parity.values())
-        scale = max(1.0, max(p["ref_max_abs"] for p in parity.values()))
-        if worst > FP32_PARITY_TOLERANCE * scale:
-            raise SftoolError(
-                f"ONNX export differs from PyTorch by {worst:.2e} (> {FP32_PARITY_TOLERANCE} x max |activation| "
-                f"{scale:.3g}); not writing it"
-            )
-        log(f"parity ok: max abs diff {worst:.2e}")
+        log("checking the saved models with onnxruntime against PyTorch at two shapes")
+        inputs = parity_inputs(vocab, [(2, 7), (3, min(33, max_seq_len))], opts.seed + 1, pad_id)
+        parities = {DEVICE_ONNX: shape_parity(staging / DEVICE_ONNX, device_part, inputs, plain_settings)}
+        if fp32.optimized:
+            parities[fp32.optimized] = shape_parity(staging / fp32.optimized, device_part, inputs)  # as a device loads it
+        log(f"parity ok: max abs diff {check_fp32_parity(parities):.2e}")
 
         tokenizer.save_pretrained(str(staging))
-        # Every variant's parity is also measured on real text, the same batch for all.
+        # Every file's parity is also measured on real text, the same batch for all.
         calibration = calibration_batch(staging, tokenizer, max_seq_len, pad_id)
         reference = torch_reference(device_part, calibration)
-        text_parity = ort_parity(staging / DEVICE_ONNX, calibration, reference)
-        fused_note = " + fused layers" if export_part.fused else ""
-        method = f"torch.onnx/{opts.exporter}{fused_note}" + ("" if opts.graph_optimization == "none" else f" + ort.{opts.graph_optimization}")
-        variants = [Variant(DEVICE_ONNX, "fp32", "any", method, text_parity)]
-        plain.unlink()
+        variants = [
+            Variant(
+                DEVICE_ONNX, "fp32", "any", fp32.method, ort_parity(staging / DEVICE_ONNX, calibration, reference, plain_settings),
+                runtime="onnx", optimized_file=fp32.optimized,
+                optimized_parity=ort_parity(staging / fp32.optimized, calibration, reference) if fp32.optimized else {},
+            )
+        ]
         if targets:
             note = int8_rewrite_note(device_part, opts.int8_smooth_alpha)
             log(f"rewriting the device part for int8 activations ({note}) and exporting it")
+            fuse = opts.exporter == "dynamo"
             prepared = prepare_for_int8(
                 device_part, calibration, opts.int8_smooth_alpha,
                 fuse_max_seq_len=max_seq_len if fuse else None,
@@ -229,6 +299,12 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             for p in sorted(staging.rglob("*"))
             if p.is_file() and p.name != MANIFEST_NAME
         }
+        parity = {
+            "fp32_vs_torch": parities[DEVICE_ONNX],
+            "calibration": {"texts": int(calibration[0].shape[0]), "tokens": int(calibration[1].sum())},
+        }
+        if fp32.optimized:
+            parity["fp32_optimized_vs_torch"] = parities[fp32.optimized]
         manifest = Manifest(
             family=adapter.name,
             source=str(opts.source),
@@ -241,16 +317,14 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             variants=variants,
             files=files,
             weights_fingerprint=weights_fingerprint(device_part),
-            opset=opset,
+            opset=fp32.opset,
             inputs=[
                 {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                 {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]},
             ],
             outputs=[{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", adapter.hidden_size(model.config)]}],
-            parity={
-                "fp32_vs_torch": parity,
-                "calibration": {"texts": int(calibration[0].shape[0]), "tokens": int(calibration[1].sum())},
-            },
+            parity=parity,
+            activation_abs_max=activation_abs_max(reference, calibration[1]),
             created_by=f"sftool {__version__}",
         )
         write_manifest(staging, manifest)

@@ -21,7 +21,8 @@ def check_split(split: int, num_layers: int) -> None:
 class DevicePart(nn.Module):
     """Embeddings + blocks 0..k-1: (input_ids, attention_mask) -> hidden states [B,T,H].
 
-    It holds only the modules it uses, so the ONNX file carries no server weights.
+    It holds only the modules it uses, so the ONNX file carries no server weights. Positions where
+    ``attention_mask`` is 0 come out as exact zeros, fused or not.
     """
 
     def __init__(self, adapter: FamilyAdapter, backbone: nn.Module, split: int):
@@ -47,7 +48,9 @@ class DevicePart(nn.Module):
         context = self.adapter.context(self.embeddings, hidden, attention_mask, position_ids)
         for block in self.blocks:
             hidden = self.adapter.run_layer(block, hidden, context)
-        return hidden
+        # Padding rows attend to real tokens and carry junk; zeros make the output well defined (as the
+        # fused layers' is). A select, not a multiply by the mask: that leaves -0.0 under negative values.
+        return hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0.0)
 
     def fused_for_export(self, max_seq_len: int) -> DevicePart:
         """A copy whose blocks are the family's fused export layers (``FamilyAdapter.fused_layers``),

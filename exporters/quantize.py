@@ -16,8 +16,10 @@ Recipe (measured on SmolLM2-135M split 6 and a GPT-2-small-shaped model; numbers
 - Per target: ``arm64`` and ``avx512_vnni`` use full-range s8 weights (NEON sdot and VNNI accumulate in
   int32); ``avx2`` uses 7-bit weights (``reduce_range``), because AVX2's ``vpmaddubsw`` adds u8 x s8 pairs
   in int16 and saturates with full-range weights.
-- Every file is saved already graph-optimized at ``ORT_ENABLE_EXTENDED`` (portable: contrib-op fusions
-  such as ``DynamicQuantizeMatMul``, no hardware-specific layouts), like the fp32 model.
+- Every file is saved already graph-optimized at ``ORT_ENABLE_EXTENDED`` (portable across CPUs:
+  contrib-op fusions such as ``DynamicQuantizeMatMul``, no hardware-specific layouts), like the fp32
+  model's optimized file. The int8 files are therefore for onnxruntime only (``Variant.runtime``);
+  the standard-ONNX model of an export is its fp32 ``device.onnx``.
 
 Each variant's parity (max abs diff, mean and worst-token cosine vs the fp32 PyTorch device part) is
 measured on a fixed batch of English sentences tokenized like a device does; a variant below
@@ -160,13 +162,16 @@ def torch_reference(device_part, batch: tuple[np.ndarray, np.ndarray]) -> np.nda
         return device_part(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
 
-def ort_parity(model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict[str, float]:
-    """Run the saved file as a device loads it and compare with ``reference`` on real tokens."""
+def ort_parity(
+    model_path: Path, batch: tuple[np.ndarray, np.ndarray], reference: np.ndarray, settings=None
+) -> dict[str, float]:
+    """Run the saved file as a device loads it (or with ``settings``, a ``SessionSettings``) and
+    compare with ``reference`` on real tokens."""
     from sftool.exporters.onnx_export import OUTPUT_NAME, compare_outputs
     from sftool.runtime.onnx_model import open_session
 
     ids, mask = batch
-    got = open_session(model_path).run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+    got = open_session(model_path, settings).run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
     return compare_outputs(reference, got, mask)
 
 
@@ -217,6 +222,8 @@ def quantize_variants(
     ``reference``, the fp32 PyTorch device part's output. Raises SftoolError if a variant's mean
     cosine is below MIN_MEAN_COSINE.
     """
+    from sftool.exporters.portable import file_runtime
+
     if not targets:
         return []
     staging = Path(staging)
@@ -247,5 +254,6 @@ def quantize_variants(
             )
         note = f"; {recipe_note}" if recipe_note else ""
         method = f"{METHOD}(per_channel, s8{', reduce_range' if recipe.reduce_range else ''}{note})"
-        variants.append(Variant(out.name, "int8", target, method, dict(parity)))
+        # Saved optimized (or fused), the file holds onnxruntime's contrib ops: runtime says so.
+        variants.append(Variant(out.name, "int8", target, method, dict(parity), runtime=file_runtime(out)))
     return variants

@@ -29,20 +29,57 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: What can run a model file: any ONNX runtime (standard ops only, ``onnx.checker`` passes), or
+#: onnxruntime alone (its contrib ops: fused kernels, int8 MatMuls).
+RUNTIMES = ("onnx", "onnxruntime")
+
+
 @dataclass
 class Variant:
-    """One ONNX model of the device part: fp32, or int8 tuned for a CPU target."""
+    """One model of the device part: fp32, or int8 tuned for a CPU target.
+
+    ``file`` is the model as exported; where onnxruntime has a faster form of the same model (fused
+    contrib kernels, graph optimizations saved), that is ``optimized_file``, which a device running
+    onnxruntime prefers (``file_for``).
+    """
 
     file: str
     precision: str  # "fp32" | "int8"
     target: str  # "any" for fp32; "arm64" | "avx512_vnni" | "avx2" for int8
     method: str = "export"  # how it was produced, e.g. "torch.onnx" or "ort.quantize_dynamic"
-    parity: dict[str, float] = field(default_factory=dict)  # vs fp32 PyTorch: max_abs_diff, cosines
+    parity: dict[str, float] = field(default_factory=dict)  # of ``file`` vs fp32 PyTorch: max_abs_diff, cosines
+    #: What can run ``file`` (one of RUNTIMES). Manifests written before this field held only
+    #: onnxruntime-optimized files, hence the default.
+    runtime: str = "onnxruntime"
+    #: The same model saved for onnxruntime (contrib ops), or None where ``file`` is the only one.
+    optimized_file: str | None = None
+    #: Parity of ``optimized_file``, measured like ``parity``.
+    optimized_parity: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         """``precision/target``, e.g. ``int8/arm64``: how devices, logs and summaries name it."""
         return f"{self.precision}/{self.target}"
+
+    def file_for(self, runtime: str = "onnxruntime") -> str:
+        """The file to load on ``runtime``: the onnxruntime-optimized one on onnxruntime where there
+        is one, else ``file``. Raises SftoolError when ``file`` needs onnxruntime and ``runtime`` is
+        another one."""
+        if runtime not in RUNTIMES:
+            raise SftoolError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        if runtime == "onnxruntime":
+            return self.optimized_file or self.file
+        if self.runtime != "onnx":
+            raise SftoolError(f"the {self.label} model ({self.file}) needs onnxruntime: it is not standard ONNX")
+        return self.file
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Variant:
+        """A variant as written in a manifest; fields added later take their defaults."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SftoolError(f"manifest variant has unknown fields {sorted(unknown)}: written by a newer sftool?")
+        return cls(**data)
 
 
 @dataclass
@@ -96,7 +133,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
-        data["variants"] = [Variant(**v) for v in data.get("variants", [])]
+        data["variants"] = [Variant.from_dict(v) for v in data.get("variants", [])]
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:

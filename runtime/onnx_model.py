@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from sftool.errors import SftoolError
-from sftool.runtime.manifest import Manifest, Variant
+from sftool.runtime.manifest import RUNTIMES, Manifest, Variant
 
 PRECISIONS = ("auto", "fp32", "int8")
 
@@ -42,23 +42,36 @@ def _linux_cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def choose_variant(manifest: Manifest, precision: str, target: str | None = None) -> Variant:
-    """Pick the model file to run. ``auto`` prefers int8 for this CPU's target, else fp32."""
+def choose_variant(manifest: Manifest, precision: str, target: str | None = None, runtime: str = "onnxruntime") -> Variant:
+    """Pick the model to run. ``auto`` prefers int8 for this CPU's target, else fp32.
+
+    On ``runtime="onnx"`` (a runtime other than onnxruntime, or onnxruntime held to standard ops)
+    only variants whose ``file`` is standard ONNX qualify: the int8 models need onnxruntime.
+    """
     if precision not in PRECISIONS:
         raise SftoolError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if runtime not in RUNTIMES:
+        raise SftoolError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     target = target or cpu_target()
-    if precision == "fp32":
-        return manifest.variant("fp32")
-    int8 = [v for v in manifest.variants if v.precision == "int8"]
-    exact = [v for v in int8 if v.target == target]
-    if exact:
-        return exact[0]
+    runnable = [v for v in manifest.variants if runtime == "onnxruntime" or v.runtime == "onnx"]
+    # This CPU's target first: an int8 model for another target still runs correctly, only maybe slower.
+    int8 = sorted((v for v in runnable if v.precision == "int8"), key=lambda v: v.target != target)
+    if precision == "auto":
+        precision = "int8" if int8 and int8[0].target == target else "fp32"
+    chosen = int8 if precision == "int8" else [v for v in runnable if v.precision == "fp32"]
+    if not chosen:
+        raise _missing(manifest, precision, runtime)
+    return chosen[0]
+
+
+def _missing(manifest: Manifest, precision: str, runtime: str) -> SftoolError:
+    """The error for an artifacts folder without a ``precision`` model that ``runtime`` can run."""
+    if runtime == "onnx" and any(v.precision == precision for v in manifest.variants):
+        return SftoolError(f"the artifacts' {precision} model needs onnxruntime: it is not standard ONNX")
     if precision == "int8":
-        if int8:
-            # An int8 model for another target still runs correctly, only maybe slower.
-            return int8[0]
-        raise SftoolError("the artifacts hold no int8 model; export with --int8 or use --precision fp32")
-    return manifest.variant("fp32")
+        return SftoolError("the artifacts hold no int8 model; export with --int8 or use --precision fp32")
+    have = ", ".join(v.label for v in manifest.variants)
+    return SftoolError(f"no {precision} model in the artifacts (have: {have})")
 
 
 #: Graph optimizations onnxruntime may apply when a device loads a model. The export is saved already
@@ -121,12 +134,16 @@ class DeviceModel:
         variant: Variant,
         threads: int | None = None,
         settings: SessionSettings | None = None,
+        runtime: str = "onnxruntime",
     ):
-
+        """Open ``variant`` from ``folder``: its onnxruntime-optimized file where it has one, or with
+        ``runtime="onnx"`` its standard-ONNX ``file`` (what another ONNX runtime would load)."""
         settings = settings or SessionSettings()
         if threads is not None:
             settings = replace(settings, threads=threads)
-        path = Path(folder) / variant.file
+        #: The file this model runs (``variant.file`` or ``variant.optimized_file``).
+        self.file = variant.file_for(runtime)
+        path = Path(folder) / self.file
         try:
             self.session = open_session(path, settings)
         except Exception as exc:  # ORT raises its own exception types for bad files
@@ -141,7 +158,7 @@ class DeviceModel:
         """What runs, for logs: e.g. ``int8/arm64 (device.int8.arm64.onnx) on arm64, 4 threads, ort basic``."""
         threads = self.settings.threads or "default"
         return (
-            f"{self.variant.label} ({self.variant.file}) on {cpu_target()}, "
+            f"{self.variant.label} ({self.file}) on {cpu_target()}, "
             f"{threads} threads, ort {self.settings.optimization}"
         )
 

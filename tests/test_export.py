@@ -23,15 +23,16 @@ def test_export_writes_a_verified_artifacts_folder(family, tiny_artifacts, tiny_
     folder = tiny_artifacts(family)
     manifest = load_manifest(folder)  # re-hashes every file
     assert manifest.family == family and manifest.split == SPLIT and manifest.num_layers == 4
-    assert set(manifest.files) >= {"device.onnx", "tokenizer.json"}
+    assert set(manifest.files) >= {"device.onnx", "device.ort.onnx", "tokenizer.json"}
     for rel, info in manifest.files.items():
         assert sha256_file(folder / rel) == info["sha256"]
-    nodes = onnx.load(str(folder / "device.onnx")).graph.node
+    onnx.checker.check_model(onnx.load(str(folder / "device.onnx")), full_check=True)  # standard ONNX
+    nodes = onnx.load(str(folder / manifest.variant("fp32").optimized_file)).graph.node
     ops = {(n.domain or "ai.onnx", n.op_type) for n in nodes}
     if family == "llama":
         from sftool.exporters.contrib_ops import EMITTED_ATTRIBUTES
 
-        # Saved with onnxruntime's fused kernels (so the file is for onnxruntime, not onnx.checker):
+        # The onnxruntime file holds its fused kernels (it is for onnxruntime, not onnx.checker):
         # attention + rotary in one node per block, the RMS norms fused, no softmax left over.
         assert ("com.microsoft", "GroupQueryAttention") in ops and ("ai.onnx", "SimplifiedLayerNormalization") in ops
         assert not any(op in ("Softmax", "Sin", "Cos") for _, op in ops), ops
@@ -40,27 +41,28 @@ def test_export_writes_a_verified_artifacts_folder(family, tiny_artifacts, tiny_
             assert {a.name for a in node.attribute} <= EMITTED_ATTRIBUTES[("com.microsoft", "GroupQueryAttention")]
         # Token-wise work skips padding: the real tokens are found once (NonZero) and packed.
         assert sum(n.op_type == "NonZero" for n in nodes) == 1
-    parity = manifest.parity["fp32_vs_torch"]
-    assert len(parity) == 2 and all(p["max_abs_diff"] <= 1e-5 for p in parity.values())
+    for key in ("fp32_vs_torch", "fp32_optimized_vs_torch"):  # device.onnx, device.ort.onnx
+        parity = manifest.parity[key]
+        assert len(parity) == 2 and all(p["max_abs_diff"] <= 1e-5 for p in parity.values())
 
     # Independently of the exporter's own check: dynamic batch and sequence axes, padded rows.
     model = transformers.AutoModel.from_pretrained(tiny_model(family)).eval()
     part = DevicePart(adapter_for(family), model, SPLIT).eval()
-    session = ort.InferenceSession(str(folder / "device.onnx"), providers=["CPUExecutionProvider"])
-    for b, t in ((1, 3), (5, 19)):
-        ids = np.random.default_rng(b).integers(3, 60, (b, t))
-        mask = np.ones((b, t), np.int64)
-        mask[-1, t // 2 :] = 0
-        got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        with torch.no_grad():
-            ref = part(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        assert got.shape == (b, t, manifest.hidden_size)
-        assert np.abs(got - ref)[mask.astype(bool)].max() <= 1e-5
-        if family == "llama":  # packed rows go back with zeros where the padding was
-            assert not got[~mask.astype(bool)].any()
-    if family == "llama":  # a row without any real token (not what a device sends) runs, as zeros
+    for name in ("device.onnx", "device.ort.onnx"):
+        session = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+        for b, t in ((1, 3), (5, 19)):
+            ids = np.random.default_rng(b).integers(3, 60, (b, t))
+            mask = np.ones((b, t), np.int64)
+            mask[-1, t // 2 :] = 0
+            got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            with torch.no_grad():
+                ref = part(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+            assert got.shape == (b, t, manifest.hidden_size)
+            assert np.abs(got - ref)[mask.astype(bool)].max() <= 1e-5, name
+            assert not got[~mask.astype(bool)].any(), name  # zeros where the padding was
+        # A row without any real token (not what a device sends) runs, as zeros.
         mask[0] = 0
-        assert not session.run(None, {"input_ids": ids, "attention_mask": mask})[0][0].any()
+        assert not session.run(None, {"input_ids": ids, "attention_mask": mask})[0][0].any(), name
 
 
 def test_export_cli_several_splits(tiny_model, tmp_path):
