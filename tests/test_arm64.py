@@ -96,7 +96,7 @@ def test_arm64_device_runs_int8_and_the_server_trains_on_every_batch(arm64_cmd, 
     assert summary["samples_trained"] == ROWS
     pi = summary["devices"]["pi5"]
     assert pi["precision"] == "int8/arm64" and pi["wire_dtype"] in ("fp16", "float16")
-    assert pi["samples"] == ROWS and pi["rejected"] == 0 and pi["finished"] == "bye"
+    assert pi["samples_received"] == ROWS and pi["rejected"] == 0 and pi["state"] == "finished"
     print(f"ARM64 device -> native server: {time.perf_counter() - started:.1f}s")
 
 

@@ -53,7 +53,7 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
     for i, out in enumerate(device_out):
         assert f"{ROWS * EPOCHS} samples in" in out and "acknowledged" in out
         d = summary["devices"][f"dev{i}"]
-        assert d["samples"] == ROWS * EPOCHS and d["duplicates"] == 0 and d["rejected"] == 0 and d["finished"] == "bye"
+        assert d["samples_received"] == ROWS * EPOCHS and d["samples_trained"] == ROWS * EPOCHS and d["duplicates"] == 0 and d["rejected"] == 0 and d["state"] == "finished"
     assert summary["errors_sent"] == 0
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -451,7 +451,7 @@ def collect(run_dir: Path, reports: dict[str, Path], shards: dict[str, Path], na
             "compute_s": rep["compute_s"],
             "wall_s": rep["wall_s"],
             "variant": rep.get("variant", "?"),
-            "server_samples": summary["devices"].get(name, {}).get("samples"),
+            "server_samples": summary["devices"].get(name, {}).get("samples_received"),
         }
     return {
         "summary": summary,

@@ -3,6 +3,8 @@
 The device layers are frozen, so a sample's activation is the same in every epoch. With
 ``sftool serve --cache-activations`` the server keeps each sample's activation (at the block the
 server trains from, fp16, trimmed to its real tokens) in one append-only file per device, and
+a sample whose values exceed fp16's range in fp32 in a second one (the device sent it as fp32 for
+that reason; storing it as fp16 would replay it as Inf), and
 tells devices in WELCOME to skip the epochs it can replay. The index is small and lives in
 memory; it is saved with each checkpoint so a resumed run still has it.
 """
@@ -19,15 +21,21 @@ from typing import Iterator
 
 import numpy as np
 from sftool.runtime.files import atomic_write_text
+from sftool.runtime.protocol import FP16_MAX
 
 INDEX = "index.json"
 
 
+#: Stored dtypes by item size, and the file suffix of each.
+STORED = {2: (np.float16, ".f16"), 4: (np.float32, ".f32")}
+
+
 @dataclass(frozen=True)
 class Entry:
-    offset: int  # in elements of fp16
+    offset: int  # in elements of the stored dtype
     length: int  # tokens
     label: int
+    itemsize: int = 2  # 2: fp16, 4: fp32 (values beyond fp16's range)
 
 
 class ActivationCache:
@@ -42,7 +50,7 @@ class ActivationCache:
         self.used = 0
         self.hits = 0
         self._index: dict[str, dict[int, Entry]] = {}
-        self._files: dict[str, object] = {}
+        self._files: dict[tuple[str, int], object] = {}
         self._lock = threading.Lock()
 
     # -- admission (receiver thread, at HELLO) --------------------------------------------------
@@ -56,32 +64,38 @@ class ActivationCache:
             return True
 
     # -- writing and reading (trainer thread) --------------------------------------------------
-    def _file(self, device: str):
-        fh = self._files.get(device)
+    def _path(self, device: str, itemsize: int) -> Path:
+        return self.folder / f"{_safe(device)}{STORED[itemsize][1]}"
+
+    def _file(self, device: str, itemsize: int):
+        fh = self._files.get((device, itemsize))
         if fh is None:
-            fh = open(self.folder / f"{_safe(device)}.f16", "ab")
-            self._files[device] = fh
+            fh = open(self._path(device, itemsize), "ab")
+            self._files[(device, itemsize)] = fh
         return fh
 
     def put(self, device: str, sample_id: int, label: int, hidden: np.ndarray) -> None:
-        """Store one sample's activation [T, H] (stored as fp16)."""
+        """Store one sample's activation [T, H]: fp16, or fp32 if a value is beyond fp16's range."""
         if sample_id in self._index.get(device, {}):
             return
-        data = np.ascontiguousarray(hidden, dtype=np.float16)
-        fh = self._file(device)
-        offset = fh.tell() // 2
+        fits = hidden.dtype == np.float16 or float(np.abs(hidden).max(initial=0.0)) < FP16_MAX
+        itemsize = 2 if fits else 4
+        data = np.ascontiguousarray(hidden, dtype=STORED[itemsize][0])
+        fh = self._file(device, itemsize)
+        offset = fh.tell() // itemsize
         fh.write(data.tobytes())
         self.used += data.nbytes
-        self._index.setdefault(device, {})[sample_id] = Entry(offset, int(data.shape[0]), int(label))
+        self._index.setdefault(device, {})[sample_id] = Entry(offset, int(data.shape[0]), int(label), itemsize)
 
     def get(self, device: str, sample_id: int) -> tuple[np.ndarray, int]:
-        """(activation [T, H] fp16, label) of a cached sample."""
+        """(activation [T, H] as stored, fp16 or fp32; label) of a cached sample."""
         entry = self._index[device][sample_id]
-        fh = self._files.get(device)
+        fh = self._files.get((device, entry.itemsize))
         if fh is not None:
             fh.flush()
         count = entry.length * self.hidden_size
-        data = np.fromfile(self.folder / f"{_safe(device)}.f16", dtype=np.float16, count=count, offset=entry.offset * 2)
+        dtype = STORED[entry.itemsize][0]
+        data = np.fromfile(self._path(device, entry.itemsize), dtype=dtype, count=count, offset=entry.offset * entry.itemsize)
         self.hits += 1
         return data.reshape(entry.length, self.hidden_size), entry.label
 
@@ -100,7 +114,8 @@ class ActivationCache:
         for fh in self._files.values():
             fh.flush()
             os.fsync(fh.fileno())
-        data = {d: {str(k): [e.offset, e.length, e.label] for k, e in entries.items()} for d, entries in self._index.items()}
+        data = {d: {str(k): [e.offset, e.length, e.label, e.itemsize] for k, e in entries.items()}
+                for d, entries in self._index.items()}
         atomic_write_text(self.folder / INDEX, json.dumps(data))
 
     def load_index(self) -> None:
@@ -109,7 +124,7 @@ class ActivationCache:
             return
         data = json.loads(path.read_text())
         self._index = {d: {int(k): Entry(*v) for k, v in entries.items()} for d, entries in data.items()}
-        self.used = sum(e.length for entries in self._index.values() for e in entries.values()) * self.hidden_size * 2
+        self.used = sum(e.length * e.itemsize for entries in self._index.values() for e in entries.values()) * self.hidden_size
         self.reserved = max(self.reserved, self.used)
 
     def close(self) -> None:

@@ -37,6 +37,9 @@ class TrainingProgress:
 
     step: int = 0
     samples_trained: int = 0
+    #: Samples whose step was refused (not finite): settled in the ledger, never trained.
+    samples_refused: int = 0
+    refused_by_device: dict[str, int] = field(default_factory=dict)
     trained: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # device -> epoch -> ids
     done_seqs: dict[str, list[list[int]]] = field(default_factory=dict)  # device -> [start, end) ranges
     finished_devices: list[str] = field(default_factory=list)

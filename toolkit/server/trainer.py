@@ -32,6 +32,8 @@ class StepResult:
     #: Bytes that travelled device -> server and server -> device for this step.
     bytes_up: int = 0
     bytes_down: int = 0
+    #: The step was not applied: its loss or gradients were not finite (the batch is refused).
+    refused: bool = False
 
 
 class Optimizer:
@@ -46,15 +48,21 @@ class Optimizer:
         warmup = max(1, settings.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
 
-    def update(self, before_update: Callable[[], None] | None = None) -> None:
-        """Apply the accumulated gradients, advance the schedule, clear the gradients."""
+    def update(self, before_update: Callable[[], None] | None = None) -> bool:
+        """Apply the accumulated gradients, advance the schedule, clear the gradients.
+
+        Returns False, changing nothing but the gradients (cleared), when they are not finite: one
+        such update would make every weight, and every later loss, NaN."""
         if before_update is not None:
             before_update()  # e.g. all-reduce of gradients across server ranks
-        if self.settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        # An infinite max norm measures without clipping.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or float("inf"))
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     def reset_moments(self) -> None:
         """Forget AdamW's moment estimates (a federated client starting a round from new weights)."""
@@ -111,12 +119,19 @@ class Trainer:
         self.model.train()
         logits = forward()
         loss = self.task.loss(logits, labels)
+        score = self.task.score(logits.detach(), labels)
+        if not torch.isfinite(loss.detach()):
+            # Never applied: the batch is refused (the loop flags where it came from).
+            self.optim.optimizer.zero_grad(set_to_none=True)
+            return StepResult(self.step_count, float(loss.detach()), 0, score.count,
+                              time.perf_counter() - started, refused=True)
         loss.backward()
         if after_backward is not None:
             after_backward()
-        self.optim.update(before_update)
+        if not self.optim.update(before_update):
+            return StepResult(self.step_count, float(loss.detach()), 0, score.count,
+                              time.perf_counter() - started, refused=True)
         self.step_count += 1
-        score = self.task.score(logits.detach(), labels)
         result = StepResult(self.step_count, float(loss.detach()), score.correct, score.count, time.perf_counter() - started)
         self.record(result)
         return result

@@ -48,6 +48,11 @@ class Ledger:
         done = self._trained.get(device, {}).get(epoch, set())
         return [i for i, s in enumerate(sample_ids) if int(s) not in done]
 
+    def settled_samples(self, device: str) -> int:
+        """Samples of ``device`` settled so far, over all epochs (refused ones included)."""
+        with self._lock:
+            return sum(len(ids) for ids in self._trained.get(device, {}).values())
+
     def done_seqs(self, device: str) -> list[list[int]]:
         """Seqs of ``device`` already trained, as [start, end) ranges: what it need not send again."""
         with self._lock:

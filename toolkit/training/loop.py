@@ -80,6 +80,7 @@ class TrainingLoop:
         evaluate: Callable[[], Any] | None = None,
         checkpoint: Callable[[], Any] | None = None,
         extra_metrics: Callable[[], dict[str, float]] | None = None,
+        on_refused: Callable[[Any], None] | None = None,
     ):
         self.method = method
         self.source = source
@@ -92,6 +93,8 @@ class TrainingLoop:
         self.evaluate = evaluate
         self.checkpoint = checkpoint
         self.extra_metrics = extra_metrics
+        #: Called with a batch whose step was refused (not finite), e.g. to flag its devices.
+        self.on_refused = on_refused
         self.stats = LoopStats(time.perf_counter())
         self.stop_requested: str | None = None
 
@@ -119,6 +122,16 @@ class TrainingLoop:
 
     def _step(self, batch: Any) -> None:
         result = self.method.step(batch)
+        if result.refused:
+            # Settled, so the run can end, but never trained: the weights did not change.
+            self.ledger.settle(batch.keys)
+            self.progress.samples_refused += result.size
+            for key in batch.keys:
+                self.progress.refused_by_device[key.device] = self.progress.refused_by_device.get(key.device, 0) + 1
+            self.logger.refused(result, batch.keys)
+            if self.on_refused is not None:
+                self.on_refused(batch)
+            return
         self.progress.step = result.step
         self.progress.samples_trained += result.size
         self.stats.train_s += result.seconds

@@ -42,6 +42,14 @@ class RunLogger:
             for name, value in (extra or {}).items():
                 self._tensorboard.add_scalar(f"train/{name}", value, result.step)
 
+    def refused(self, result: StepResult, samples: Iterable[SampleKey]) -> None:
+        """A step that was not applied (loss or gradients not finite), and which devices' samples it had."""
+        if not self.enabled:
+            return
+        devices = sorted({k.device for k in samples})
+        self._metrics.write(json.dumps({"time": time.time(), "refused_step": {
+            "step": result.step, "loss": result.loss, "size": result.size, "devices": devices}}) + "\n")
+
     def evaluation(self, result: dict) -> None:
         if not self.enabled:
             return
@@ -93,7 +101,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     keep = []
     for line in path.read_text().splitlines():
         record = json.loads(line)
-        at = record.get("step", record.get("eval", {}).get("step", 0))
+        at = record.get("step", record.get("eval", record.get("refused_step", {})).get("step", 0))
         if at <= step:
             keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))

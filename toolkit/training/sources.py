@@ -54,6 +54,10 @@ class Inbox(Protocol):
         """Seconds the devices computed, where this process can see it (None: they report it themselves)."""
 
 
+#: How long the fixed release order waits for one device while batches of others are held.
+ORDER_MAX_WAIT_S = 30.0
+
+
 class ReceiverInbox:
     """The streaming receiver's bounded queue; finished once every expected device said BYE.
 
@@ -66,11 +70,16 @@ class ReceiverInbox:
     """
 
     def __init__(self, receiver: Receiver, batches: queue.Queue, expected_devices: Callable[[], int],
-                 ordered: bool = False):
+                 ordered: bool = False, max_wait_s: float = ORDER_MAX_WAIT_S):
         self.receiver = receiver
         self.queue = batches
         self.expected_devices = expected_devices
         self.ordered = ordered
+        #: How long the order waits for one device (to join, or for its next batch) while others' batches
+        #: are held; past it, the order goes on without that device for now. A lagging or lying device
+        #: thus slows a run instead of stopping it; within it, the order is exact.
+        self.max_wait_s = max_wait_s
+        self._waiting_since: float | None = None
         self._held: dict[str, dict[int, ReceivedBatch]] = {}
         self._released: dict[str, int] = {}
         self._next_seq: dict[str, int] = {}
@@ -98,6 +107,24 @@ class ReceiverInbox:
         self._held.setdefault(item.batch.device, {})[item.batch.seq] = item
 
     def _release(self) -> ReceivedBatch | None:
+        item = self._release_in_order()
+        if item is not None or not any(self._held.values()):
+            self._waiting_since = None
+            return item
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since < self.max_wait_s:
+            return None
+        # Waited too long for one device: go on with a device whose next batch is here.
+        self._waiting_since = None
+        ready = sorted((self._released.get(d, 0), d) for d, held in self._held.items() if self._next_seq.get(d, 0) in held)
+        if ready:
+            return self._pop(ready[0][1], self._next_seq.get(ready[0][1], 0))
+        leftovers = sorted((d, q) for d, held in self._held.items() for q in held)
+        return self._pop(*leftovers[0])
+
+    def _release_in_order(self) -> ReceivedBatch | None:
         sessions = self.receiver.snapshot()
         if len(sessions) < self.expected_devices():
             return None  # the order needs every device's announced size
