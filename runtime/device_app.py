@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from sftool.errors import SftoolError
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
+from sftool.runtime.link_keys import check_plain_endpoint, load_keypair, load_public_key
 from sftool.runtime.local_data import TextEncoder, bucketed_batches, iter_epochs, read_examples
 from sftool.runtime.manifest import load_manifest, manifest_sha256
 from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant, cpu_target
@@ -50,7 +51,13 @@ class DeviceOptions:
     max_len: int | None = None
     bucket_window: int = 8
     server_timeout_s: float = 30.0
+    #: CurveZMQ keys {"server_public", "public", "secret"}; ``server_key``/``device_key`` files fill them in.
     curve: dict[str, bytes] | None = None
+    #: The server's public NAME.key and this device's NAME.key_secret (CurveZMQ).
+    server_key: Path | None = None
+    device_key: Path | None = None
+    #: Allow a plain (unauthenticated, unencrypted) link to a non-loopback endpoint.
+    insecure: bool = False
     #: Each batch takes this many times its measured compute (>= 1): the device sleeps for the rest,
     #: standing in for an edge CPU that much slower than this one.
     slowdown: float = 1.0
@@ -146,6 +153,19 @@ def check_slowdown(slowdown: float) -> None:
         raise SftoolError(f"--slowdown must be a number >= 1, not {slowdown:g}")
 
 
+def link_curve(opts: DeviceOptions) -> dict[str, bytes] | None:
+    """The CurveZMQ keys of the link (from ``opts.curve`` or the key files), or None for a plain link,
+    which beyond loopback must be asked for with ``insecure``."""
+    if (opts.server_key is None) != (opts.device_key is None):
+        raise SftoolError("--server-key and --device-key go together: give both (CurveZMQ) or neither")
+    curve = opts.curve
+    if opts.server_key is not None:
+        pair = load_keypair(opts.device_key)
+        curve = {"server_public": load_public_key(opts.server_key), "public": pair.public, "secret": pair.secret}
+    check_plain_endpoint(opts.endpoint, curve is not None, opts.insecure, "--server-key FILE and --device-key FILE")
+    return curve
+
+
 def run_device(
     opts: DeviceOptions,
     on_start: Callable[[int, str], None] | None = None,
@@ -163,6 +183,7 @@ def run_device(
     if opts.epochs < 1:
         raise SftoolError("--epochs must be >= 1")
     check_slowdown(opts.slowdown)
+    curve = link_curve(opts)  # before the model loads: a key mistake fails at once
     started = time.perf_counter()
     manifest = load_manifest(opts.artifacts)
     variant = choose_variant(manifest, opts.precision)
@@ -192,7 +213,7 @@ def run_device(
             num_samples=len(examples) * opts.epochs,
             server_timeout_s=opts.server_timeout_s,
             hello_timeout_s=float(os.environ.get("SFTOOL_HELLO_TIMEOUT", HELLO_TIMEOUT_S)),
-            curve=opts.curve,
+            curve=curve,
         )
     )
     try:

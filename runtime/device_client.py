@@ -8,6 +8,7 @@ stays bounded because the server's window caps the number of unacknowledged batc
 from __future__ import annotations
 
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 import zmq
 from sftool.errors import SftoolError
 from sftool.runtime.protocol import ErrorCode, MsgType, ProtocolError, decode_header, encode
+from zmq.utils.monitor import recv_monitor_message
 
 
 @dataclass
@@ -90,6 +92,71 @@ class ClientReport:
     skip_epochs: list[int] = field(default_factory=list)
 
 
+class HandshakeWatch:
+    """The ZeroMQ handshake of one connection attempt, from the socket's monitor events: turns a
+    refused key or a security mismatch (which the application never sees as a message) into a message."""
+
+    #: Connections closed before their CurveZMQ handshake completed, in a row, before blaming the keys.
+    MAX_BROKEN_HANDSHAKES = 3
+    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def __init__(self, sock: zmq.Socket, ctx: zmq.Context, config: ClientConfig):
+        self.sock, self.config = sock, config
+        address = f"inproc://sftool-handshake-{uuid.uuid4().hex}"
+        sock.monitor(address, self.EVENTS)
+        self.events: zmq.Socket | None = ctx.socket(zmq.PAIR)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.connect(address)
+        self._open_handshake = False
+        self._broken = 0
+
+    def problem(self) -> str | None:
+        """A one-line explanation once the handshake has failed for a reason retrying cannot fix, else None."""
+        while self.events is not None:
+            try:
+                event = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            problem = self._on_event(event["event"], int(event["value"] or 0))
+            if problem:
+                return problem
+        return None
+
+    def _on_event(self, event: int, value: int) -> str | None:
+        c = self.config
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the server at {c.endpoint} refused this device's key (ZAP status {value}): its public key must be "
+                    f"{c.device_id}.key in the server's --allow-keys folder")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                if c.curve:
+                    return f"the server at {c.endpoint} does not use CurveZMQ (it runs without --curve-secret): drop the keys or restart it with them"
+                return f"the server at {c.endpoint} requires CurveZMQ: give --server-key and --device-key"
+            return f"the handshake with {c.endpoint} failed (ZeroMQ protocol error {value:#x})"
+        if event == zmq.EVENT_CONNECTED:
+            self._open_handshake = True
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._open_handshake, self._broken = False, 0
+        elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) and self._open_handshake:
+            # A server that cannot decrypt our HELLO (we hold the wrong server key) just hangs up.
+            self._open_handshake = False
+            self._broken += 1
+            if c.curve and self._broken >= self.MAX_BROKEN_HANDSHAKES:
+                return (f"the CurveZMQ handshake with {c.endpoint} failed {self._broken} times: --server-key is "
+                        "probably not this server's public key")
+        return None
+
+    def close(self) -> None:
+        """Stop watching (the socket itself stays open)."""
+        if self.events is None:
+            return
+        if not self.sock.closed:
+            self.sock.disable_monitor()
+        self.events.close(linger=0)
+        self.events = None
+
+
 class DeviceClient:
     """Streams batches to the server under its credit window."""
 
@@ -116,6 +183,9 @@ class DeviceClient:
             sock.curve_serverkey = self.config.curve["server_public"]
             sock.curve_publickey = self.config.curve["public"]
             sock.curve_secretkey = self.config.curve["secret"]
+        # A refused key or a security mismatch never reaches the application: only the socket's
+        # events tell, so connect() watches them until the server's WELCOME.
+        self._handshake = HandshakeWatch(sock, self.ctx, self.config)
         sock.connect(self.config.endpoint)
         self.sock = sock
 
@@ -145,18 +215,28 @@ class DeviceClient:
         )
         self._send(hello)
         deadline = time.monotonic() + c.hello_timeout_s
+        watch = self._handshake
         while time.monotonic() < deadline:
-            header, _ = self._recv(timeout_s=min(1.0, max(0.0, deadline - time.monotonic())))
+            header, _ = self._recv(timeout_s=min(0.25, max(0.0, deadline - time.monotonic())))
             if header is None:
+                problem = watch.problem()
+                if problem:
+                    watch.close()
+                    self._close()
+                    raise SftoolError(problem)
                 continue
             if header.type == MsgType.WELCOME:
+                watch.close()
                 self._on_welcome(header.fields)
                 return header.fields
             if header.type == MsgType.ERROR:
+                watch.close()
                 self._close()
                 raise SftoolError(f"server refused this device: {header.fields.get('reason', 'no reason given')}")
+        watch.close()
         self._close()
-        raise TimeoutError(f"no answer from {c.endpoint} within {c.hello_timeout_s:.0f}s")
+        hint = " (CurveZMQ: the server may have refused this device's key, or --server-key is not its key)" if c.curve else ""
+        raise TimeoutError(f"no answer from {c.endpoint} within {c.hello_timeout_s:.0f}s{hint}")
 
     def _on_welcome(self, fields: dict[str, Any]) -> None:
         self.window = max(1, int(fields.get("window", 1)))

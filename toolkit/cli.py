@@ -145,6 +145,9 @@ def device(
     memory_arena: bool = typer.Option(True, "--memory-arena/--no-memory-arena", help="onnxruntime CPU memory arena."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="Let onnxruntime threads spin between batches (off saves power)."),
     slowdown: float = typer.Option(1.0, help="Make each batch take X times its compute (sleeping the rest): emulate an edge CPU X times slower."),
+    server_key: Optional[Path] = typer.Option(None, "--server-key", metavar="FILE", help="The server's public key (NAME.key): CurveZMQ, with --device-key."),
+    device_key: Optional[Path] = typer.Option(None, "--device-key", metavar="FILE", help="This device's secret key (NAME.key_secret) from `sftool keys generate`."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a plain (unauthenticated, unencrypted) link to a non-loopback server."),
 ) -> None:
     """Run the frozen device layers over local data and stream activations to the server (no torch)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -171,6 +174,9 @@ def device(
         memory_arena=memory_arena,
         spin=spin,
         slowdown=slowdown,
+        server_key=server_key,
+        device_key=device_key,
+        insecure=insecure,
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -273,6 +279,9 @@ def serve(
     log_samples: Optional[bool] = typer.Option(None, "--log-samples", help="Record every trained sample's (device, epoch, id) in metrics.jsonl."),
     cache_activations: Optional[bool] = typer.Option(None, "--cache-activations", help="Keep activations on disk (fp16); devices send epoch 0 only."),
     cache_max_gb: Optional[float] = typer.Option(None, help="Disk budget of the activation cache (default: 4)."),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", metavar="FILE", help="The server's secret key (NAME.key_secret): CurveZMQ, with --allow-keys."),
+    allow_keys: Optional[Path] = typer.Option(None, "--allow-keys", metavar="DIR", help="Folder of the accepted devices' public keys, one DEVICE_ID.key each."),
+    insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow a plain (unauthenticated, unencrypted) link on a non-loopback --bind."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
@@ -292,7 +301,7 @@ def serve(
         "seed": seed, "threads": threads, "eval_data": eval_data, "eval_text_fields": _split_list(text_field),
         "eval_label_field": label_field, "eval_every": eval_every, "eval_precision": eval_precision,
         "checkpoint_every": checkpoint_every, "log_samples": log_samples, "cache_activations": cache_activations,
-        "cache_max_gb": cache_max_gb,
+        "cache_max_gb": cache_max_gb, "curve_secret": curve_secret, "allow_keys": allow_keys, "insecure": insecure,
     }
     lora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": _split_list(lora_targets)}
     optim = {"lr": lr, "warmup_steps": warmup_steps}
@@ -362,6 +371,24 @@ def experiment(
     cfg = load_config(config, set_ or [])
     results = run_sweep(cfg, out, log=lambda m: console.print(f"[dim]experiment:[/] {m}", highlight=False), keep_runs=keep_runs)
     typer.echo(f"{len(results)} runs in {out / 'results.jsonl'}; report: {out / 'report.md'}")
+
+
+keys_app = typer.Typer(help="CurveZMQ key pairs for the device-server link.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+@user_errors
+def keys_generate(
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder for NAME.key (public) and NAME.key_secret (secret, mode 0600)."),
+    name: str = typer.Option("server", "--name", help="Key name: \"server\", or the device id for a device's key."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair of that name."),
+) -> None:
+    """Generate a key pair: the public NAME.key goes to the peers, the NAME.key_secret stays here."""
+    from sftool.runtime.link_keys import generate_keypair, load_public_key
+
+    public_file, secret_file = generate_keypair(out, name, force)
+    typer.echo(f"{public_file} (public key {load_public_key(public_file).decode()}), {secret_file} (secret: keep it private)")
 
 
 def _print_summary(summary: dict) -> None:

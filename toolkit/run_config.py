@@ -10,7 +10,7 @@ dataclass defaults of ``ServeOptions`` (and its ``LoraSettings`` / ``OptimSettin
     [optim]      lr, weight_decay, warmup_steps, max_grad_norm
     [train]      batch_size, mix_capacity, mixing, schedule, max_steps, max_samples, seed, threads,
                  checkpoint_every, log_samples, cache_activations, cache_max_gb
-    [transport]  bind, devices, window, queue_size, device_timeout_s, pace
+    [transport]  bind, devices, window, queue_size, device_timeout_s, pace, curve_secret, allow_keys, insecure
     [eval]       eval_data, eval_text_fields, eval_label_field, eval_every, eval_precision
     [run]        out
 """
@@ -34,13 +34,14 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "optim": ("optim",),
     "train": ("batch_size", "mix_capacity", "mixing", "schedule", "max_steps", "max_samples", "seed", "threads",
               "checkpoint_every", "log_samples", "cache_activations", "cache_max_gb"),
-    "transport": ("bind", "devices", "window", "queue_size", "device_timeout_s", "pace"),
+    "transport": ("bind", "devices", "window", "queue_size", "device_timeout_s", "pace", "curve_secret", "allow_keys",
+                  "insecure"),
     "eval": ("eval_data", "eval_text_fields", "eval_label_field", "eval_every", "eval_precision"),
     "run": ("out",),
 }
 #: Sections that are one nested settings object of the options, not a group of its fields.
 NESTED = {"lora": "lora", "optim": "optim"}
-PATHS = ("artifacts", "eval_data", "out")
+PATHS = ("artifacts", "eval_data", "out", "curve_secret", "allow_keys")
 
 
 def _toml_value(value: Any) -> str:

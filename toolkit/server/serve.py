@@ -31,6 +31,7 @@ from sftool.server.checkpoint import (
     save_checkpoint,
 )
 from sftool.server.evaluate import Evaluator
+from sftool.server.link_auth import LinkAuth, link_auth_for
 from sftool.server.mixing import POLICIES, MixingBuffer
 from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
 from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
@@ -85,6 +86,11 @@ class ServeOptions:
     #: Keep received activations (fp16, on disk) and replay later epochs without device compute.
     cache_activations: bool = False
     cache_max_gb: float = 4.0
+    #: CurveZMQ: the server's NAME.key_secret and the folder of allow-listed DEVICE_ID.key files.
+    curve_secret: Path | None = None
+    allow_keys: Path | None = None
+    #: Allow a plain (unauthenticated, unencrypted) link on a non-loopback endpoint.
+    insecure: bool = False
 
 
 @dataclass
@@ -340,6 +346,17 @@ def serve(
     The adapter and summary are written however the run ends (budget, all devices done, Ctrl-C):
     what was trained is never lost.
     """
+    link = link_auth_for(opts.bind, opts.curve_secret, opts.allow_keys, opts.insecure)  # before the model loads
+    if link is None:
+        return _serve(opts, None, on_progress, log_line)
+    link.start()  # the ZAP handler must be up before the receiver binds, or the first devices pass unchecked
+    try:
+        return _serve(opts, link, on_progress, log_line)
+    finally:
+        link.stop()
+
+
+def _serve(opts: ServeOptions, link: LinkAuth | None, on_progress, log_line: Callable[[str], None]) -> dict:
     out, accepted, model, manifests, evaluator = _prepare(opts, log_line)
     # Arrival order decides nothing when batches are released in the fixed order (pipelined, paced,
     # a fresh run); a resumed run continues from a checkpoint whose buffer contents are gone anyway.
@@ -353,6 +370,7 @@ def serve(
         ack="trained" if opts.schedule == "sequential" else ("taken" if ordered else "queued"),
         device_timeout_s=opts.device_timeout_s,
         pace=opts.pace,
+        **(link.receiver_options() if link is not None else {}),
     )
 
     def expected_devices() -> int:  # devices that finished before a restart do not come back
@@ -364,7 +382,9 @@ def serve(
 
     def start() -> None:
         receiver.start()
-        log_line(f"listening on {receiver.endpoint} for {opts.devices} device(s), {opts.schedule} schedule, mixing={opts.mixing}")
+        security = f"CurveZMQ, {len(link.device_keys)} allow-listed key(s)" if link is not None else "plain"
+        log_line(f"listening on {receiver.endpoint} ({security}) for {opts.devices} device(s), {opts.schedule} schedule, "
+                 f"mixing={opts.mixing}")
 
     def stop(reason: str) -> None:
         receiver.request_stop(reason)
