@@ -228,7 +228,7 @@ def test_key_file_mistakes_are_one_line_errors(keys, tmp_path):
     with pytest.raises(SftoolError, match="40 Z85 characters"):
         load_public_key(bad)
     mixed = tmp_path / "mixed.key_secret"
-    secret_line = next(l for l in (keys / "dev-b.key_secret").read_text().splitlines() if "secret-key" in l)
+    secret_line = next(line for line in (keys / "dev-b.key_secret").read_text().splitlines() if "secret-key" in line)
     mixed.write_text((keys / "dev-a.key").read_text() + secret_line + "\n")
     with pytest.raises(SftoolError, match="does not belong"):
         load_keypair(mixed)
