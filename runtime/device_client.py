@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import zmq
 from sftool.errors import SftoolError
-from sftool.runtime.protocol import ErrorCode, MsgType, ProtocolError, decode_header, encode
+from sftool.runtime.protocol import ErrorCode, MsgType, ProtocolError, decode_header, encode, parse_message
 from zmq.utils.monitor import recv_monitor_message
 
 
@@ -26,15 +26,20 @@ class ClientConfig:
     manifest_sha256: str
     split: int
     precision: str
-    wire_dtype: str = "float16"
+    wire_dtype: str = "fp16"
     epochs: int = 1
     num_samples: int = -1
     heartbeat_s: float = 2.0
     #: Silence from the server for this long triggers a reconnect.
     server_timeout_s: float = 30.0
-    max_reconnects: int = 5
-    #: How long to wait for the server's answer to HELLO before giving up on that attempt.
+    #: Reconnects after a lost server before giving up (None: until stopped).
+    max_reconnects: int | None = None
+    #: How long to wait for the server's answer to one HELLO before trying again.
     hello_timeout_s: float = 30.0
+    #: How long to keep trying to reach the server, with backoff (None: until stopped).
+    connect_timeout_s: float | None = None
+    #: Backoff between attempts: doubles from the first value up to the second.
+    retry_backoff_s: tuple[float, float] = (1.0, 30.0)
     curve: dict[str, bytes] | None = None  # {"server_public", "public", "secret"} for CurveZMQ
 
 
@@ -238,6 +243,23 @@ class DeviceClient:
         hint = " (CurveZMQ: the server may have refused this device's key, or --server-key is not its key)" if c.curve else ""
         raise TimeoutError(f"no answer from {c.endpoint} within {c.hello_timeout_s:.0f}s{hint}")
 
+    def connect_retrying(self, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """``connect`` until the server answers, with backoff, for ``connect_timeout_s`` (None: until
+        stopped): devices and server of a fleet start in any order. A refusal is final."""
+        c = self.config
+        deadline = None if c.connect_timeout_s is None else time.monotonic() + c.connect_timeout_s
+        wait, attempt = c.retry_backoff_s[0], 1
+        while True:
+            try:
+                return self.connect()
+            except TimeoutError as exc:
+                if deadline is not None and time.monotonic() + wait > deadline:
+                    raise TimeoutError(f"{exc}; gave up after {c.connect_timeout_s:.0f}s of retries") from None
+                if log:
+                    log(f"{c.device_id}: no answer from {c.endpoint} (attempt {attempt}); retrying in {wait:.0f}s")
+                time.sleep(wait)
+                wait, attempt = min(2 * wait, c.retry_backoff_s[1]), attempt + 1
+
     def _on_welcome(self, fields: dict[str, Any]) -> None:
         self.window = max(1, int(fields.get("window", 1)))
         self.report.skip_epochs = [int(e) for e in fields.get("skip_epochs", [])]
@@ -254,16 +276,19 @@ class DeviceClient:
         if not self.sock.poll(int(timeout_s * 1000)):
             return None, []
         frames = self.sock.recv_multipart(copy=True)
-        self._last_heard = time.monotonic()
         try:
-            return decode_header(frames[0]), frames[1:]
+            header = decode_header(frames[0])
+            parse_message(header)
         except ProtocolError:
             return None, []  # a server we cannot parse is treated like silence
+        self._last_heard = time.monotonic()
+        return header, frames[1:]
 
     def _reconnect(self) -> None:
         self._close()
         self.report.reconnects += 1
-        if self.report.reconnects > self.config.max_reconnects:
+        limit = self.config.max_reconnects
+        if limit is not None and self.report.reconnects > limit:
             raise SftoolError(
                 f"lost the server at {self.config.endpoint} ({self.config.max_reconnects} reconnects failed); "
                 f"{len(self._unacked)} batches were not acknowledged"
@@ -288,7 +313,7 @@ class DeviceClient:
         """
         if self.sock is None:
             try:
-                self.connect()
+                self.connect_retrying()
             except TimeoutError as exc:
                 raise SftoolError(f"cannot reach the server: {exc}") from None
         todo = [seq for seq in plan.seqs() if seq not in self._done]

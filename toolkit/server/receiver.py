@@ -271,9 +271,10 @@ class Receiver(threading.Thread):
         """One message, frame by frame: frames past the most a valid message has, or past its byte
         budget, are read and let go at once, never held together. True when it had too many."""
         frames = [self.sock.recv(zmq.NOBLOCK, copy=False)]
-        total, oversized = 0, False
-        while frames[-1].more or (oversized and self.sock.getsockopt(zmq.RCVMORE)):
+        total, oversized, more = 0, False, frames[0].more
+        while more:  # the rest of a message is already here: libzmq delivers whole messages
             frame = self.sock.recv(copy=False)
+            more = frame.more
             total += len(frame.buffer)
             if oversized or len(frames) > MAX_BATCH_FRAMES or total > self._max_message_bytes:
                 oversized = True
