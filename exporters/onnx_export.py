@@ -229,7 +229,13 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     from sftool.exporters.int8_prep import int8_rewrite_note, prepare_for_int8
     from sftool.exporters.model_source import load_model, load_tokenizer, pad_token_id
     from sftool.exporters.partition import DevicePart, check_split, weights_fingerprint
-    from sftool.exporters.quantize import calibration_batch, ort_parity, quantize_variants, resolve_targets, torch_reference
+    from sftool.exporters.quantize import (
+        calibration_batch,
+        ort_parity,
+        quantize_variants,
+        resolve_targets,
+        torch_reference,
+    )
     from sftool.runtime.onnx_model import SessionSettings
 
     if opts.exporter not in EXPORTERS:

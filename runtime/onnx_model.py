@@ -74,8 +74,9 @@ def _missing(manifest: Manifest, precision: str, runtime: str) -> SftoolError:
     return SftoolError(f"no {precision} model in the artifacts (have: {have})")
 
 
-#: Graph optimizations onnxruntime may apply when a device loads a model. The export is saved already
-#: optimized at "extended", so "basic" (the default) only costs start-up; "all" adds this CPU's own layouts.
+#: Graph optimizations onnxruntime may apply when a device loads a model. The onnxruntime files are saved
+#: already optimized at "extended", so "basic" (the default) only costs start-up; "all" adds this CPU's
+#: own layouts. ("disable" runs a file as written: how the export checks the standard-ONNX device.onnx.)
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
