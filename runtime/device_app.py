@@ -6,12 +6,15 @@ onnxruntime, pyzmq, msgpack and tokenizers (a test runs it where importing torch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
@@ -51,6 +54,8 @@ class DeviceOptions:
     max_len: int | None = None
     bucket_window: int = 8
     server_timeout_s: float = 30.0
+    #: How long to keep trying to reach the server (None: until stopped).
+    connect_timeout_s: float | None = None
     #: CurveZMQ keys {"server_public", "public", "secret"}; ``server_key``/``device_key`` files fill them in.
     curve: dict[str, bytes] | None = None
     #: The server's public NAME.key and this device's NAME.key_secret (CurveZMQ).
@@ -166,6 +171,23 @@ def link_curve(opts: DeviceOptions) -> dict[str, bytes] | None:
     return curve
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the stream like Ctrl-C: the device says BYE and exits instead of vanishing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_device(
     opts: DeviceOptions,
     on_start: Callable[[int, str], None] | None = None,
@@ -212,12 +234,13 @@ def run_device(
             epochs=opts.epochs,
             num_samples=len(examples) * opts.epochs,
             server_timeout_s=opts.server_timeout_s,
+            connect_timeout_s=opts.connect_timeout_s,
             hello_timeout_s=float(os.environ.get("SFTOOL_HELLO_TIMEOUT", HELLO_TIMEOUT_S)),
             curve=curve,
         )
     )
     try:
-        client.connect()
+        client.connect_retrying(log=lambda line: (logging.getLogger("sftool.device").info(line), log and log(line)))
     except TimeoutError as exc:
         raise SftoolError(f"cannot reach the server: {exc}") from None
     skip = client.report.skip_epochs
@@ -229,10 +252,11 @@ def run_device(
     batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id,
                            slowdown=opts.slowdown)
     try:
-        report = client.stream(batches, on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)
+        with _sigterm_as_interrupt():
+            report = client.stream(batches, on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)
         streamed = time.perf_counter()
     finally:
-        client.close()
+        client.close()  # BYE with the totals, however the stream ended
     return DeviceReport(
         device_id=opts.device_id,
         variant=precision_label,

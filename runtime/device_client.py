@@ -15,7 +15,15 @@ from typing import Any, Callable, Protocol, Sequence
 
 import zmq
 from sftool.errors import SftoolError
-from sftool.runtime.protocol import ErrorCode, MsgType, ProtocolError, decode_header, encode, parse_message
+from sftool.runtime.protocol import (
+    MAX_SERVER_HEADER_BYTES,
+    ErrorCode,
+    MsgType,
+    ProtocolError,
+    decode_header,
+    encode,
+    parse_message,
+)
 from zmq.utils.monitor import recv_monitor_message
 
 
@@ -277,7 +285,7 @@ class DeviceClient:
             return None, []
         frames = self.sock.recv_multipart(copy=True)
         try:
-            header = decode_header(frames[0])
+            header = decode_header(frames[0], MAX_SERVER_HEADER_BYTES)
             parse_message(header)
         except ProtocolError:
             return None, []  # a server we cannot parse is treated like silence

@@ -14,7 +14,7 @@ from typing import Any
 
 from sftool.errors import SftoolError
 from sftool.runtime.files import atomic_write_text
-from sftool.runtime.protocol import BatchSchema
+from sftool.runtime.protocol import ACTIVATION_MARGIN, DEFAULT_ACTIVATION_BOUND, BatchSchema
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -118,13 +118,18 @@ class Manifest:
         have = ", ".join(v.label for v in self.variants)
         raise SftoolError(f"no {precision}{'/' + target if target else ''} model in the artifacts (have: {have})")
 
-    def batch_schema(self, num_labels: int) -> BatchSchema:
-        """The shape rules a BATCH from a device of this split must satisfy."""
+    def batch_schema(self, num_labels: int, activation_bound: float | None = None) -> BatchSchema:
+        """The rules a BATCH from a device of this split must satisfy. The bound on |activation| is
+        ``activation_bound`` if given, else the export's calibrated maximum times ACTIVATION_MARGIN."""
+        if activation_bound is None:
+            activation_bound = (self.activation_abs_max * ACTIVATION_MARGIN if self.activation_abs_max
+                                else DEFAULT_ACTIVATION_BOUND)
         return BatchSchema(
             hidden_size=self.hidden_size,
             max_seq_len=self.max_seq_len,
             max_batch=self.max_batch,
             num_labels=num_labels,
+            max_abs_activation=float(activation_bound),
         )
 
     def to_json(self) -> str:

@@ -31,6 +31,8 @@ PROTOCOL_VERSION = 1
 MAX_DEVICE_ID_LEN = 64
 #: A header is small; anything bigger is an attack or a bug.
 MAX_HEADER_BYTES = 16 * 1024
+#: A server's WELCOME lists trained seqs after a restart and may be larger; devices accept up to this.
+MAX_SERVER_HEADER_BYTES = 1 << 20
 #: Sequence numbers, epochs and announced counts fit a signed 32-bit int: every language has one,
 #: and nothing a device does legitimately comes near it.
 MAX_INT = 2**31 - 1
@@ -128,11 +130,11 @@ class Header:
     fields: dict[str, Any]
 
 
-def decode_header(frame: bytes | memoryview) -> Header:
+def decode_header(frame: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Parse and check frame 0's envelope. Raises ProtocolError on anything unexpected."""
     raw = bytes(frame)
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(raw) > max_bytes:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {len(raw)} bytes exceeds {max_bytes}")
     try:
         # strict_map_key and raw=False: only str keys, no extension types, nothing executable.
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
@@ -483,11 +485,40 @@ def decode_batch(header: Header, frames: Sequence[Any], schema: BatchSchema) -> 
     if np.unique(arrays["sample_ids"]).size != b:
         raise bad("sample_ids must be distinct within a batch")
     hidden = arrays["hidden"]
-    # min/max propagate NaN, so one comparison each catches NaN, Inf and out-of-bound values
-    # without allocating an array the size of the batch.
-    lo, hi, bound = float(hidden.min()), float(hidden.max()), schema.max_abs_activation
-    if not (-bound <= lo and hi <= bound):
+    if not within_bound(hidden, schema.max_abs_activation):
         if not np.isfinite(hidden).all():
             raise bad("hidden contains NaN or Inf", ErrorCode.BAD_VALUES)
-        raise bad(f"hidden values in [{lo:.4g}, {hi:.4g}] exceed the bound {bound:.4g}", ErrorCode.BAD_VALUES)
+        lo, hi = float(hidden.min()), float(hidden.max())
+        raise bad(f"hidden values in [{lo:.4g}, {hi:.4g}] exceed the bound {schema.max_abs_activation:.4g}",
+                  ErrorCode.BAD_VALUES)
     return Batch(header.device, seq, msg.epoch, hidden, mask, labels, arrays["sample_ids"])
+
+
+#: Unsigned and signed integer views of each float dtype, and its sign bit.
+_BITS = {np.dtype("<f2"): (np.uint16, np.int16, 0x8000), np.dtype("<f4"): (np.uint32, np.int32, 0x80000000)}
+
+
+def within_bound(values: np.ndarray, bound: float) -> bool:
+    """Is every value finite with |value| <= bound? Decided on the bit patterns, in two integer max
+    scans without a temporary array: IEEE floats of one sign order like their patterns, NaN and
+    Inf sort above every finite pattern, and numpy's float16 min/max are ~30x slower than this."""
+    if not bound >= 0:  # NaN or negative: nothing is within it
+        return False
+    unsigned, signed, sign = _BITS[values.dtype]
+    limit = _largest_pattern_within(values.dtype, bound)
+    if values.size == 0:
+        return True
+    # Positive values are the non-negative signed patterns; negative ones have the sign bit set,
+    # so the unsigned maximum bounds their magnitude.
+    return int(values.view(signed).max()) <= limit and int(values.view(unsigned).max()) <= (sign | limit)
+
+
+def _largest_pattern_within(dtype: np.dtype, bound: float) -> int:
+    """The bit pattern of the largest finite value of ``dtype`` that is <= bound."""
+    unsigned = _BITS[dtype][0]
+    finfo = np.finfo(dtype)
+    value = np.array(min(bound, float(finfo.max)), dtype=dtype)
+    pattern = int(value.view(unsigned))
+    if float(value) > bound:  # rounding went up: take the next pattern down
+        pattern -= 1
+    return max(pattern, 0)

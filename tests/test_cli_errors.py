@@ -36,12 +36,14 @@ def test_device_bad_data_file(tiny_artifacts, tmp_path):
     assert "no field" in err
 
 
-def test_device_without_a_server_gives_up_cleanly(tiny_artifacts, tmp_path, free_port):
+def test_device_without_a_server_gives_up_cleanly_when_told_to(tiny_artifacts, tmp_path, free_port):
     data = write_jsonl(synthetic_rows(4, 1), tmp_path / "d.jsonl")
     proc = spawn("device", "--artifacts", tiny_artifacts("gpt2"), "--connect", f"tcp://127.0.0.1:{free_port}",
-                 "--data", data, "--device-id", "d", "--server-timeout", "1", env={"SFTOOL_HELLO_TIMEOUT": "2"})
+                 "--data", data, "--device-id", "d", "--server-timeout", "1", "--connect-timeout", "5",
+                 env={"SFTOOL_HELLO_TIMEOUT": "1"})
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "Traceback" not in out and "cannot reach the server" in out, out
+    assert "retrying" in out, "it tried more than once before giving up"
 
 
 def test_budget_stops_the_run_and_devices_exit_cleanly(tiny_model, tiny_artifacts, tmp_path, free_port):

@@ -190,6 +190,29 @@ def test_a_valid_key_cannot_speak_for_another_device(curve_server, keys):
     assert receiver.snapshot()["dev-a"].batches == 4
 
 
+@pytest.mark.timeout(60)  # were the victim's replies taken, its stream would wait for them forever
+def test_a_device_reusing_anothers_identity_cannot_take_its_replies_or_get_it_disconnected(curve_server, keys):
+    receiver, _, manifest, sha, _ = curve_server
+    h = manifest.hidden_size
+    victim = client(receiver.endpoint, "dev-a", sha, manifest.split, curve_keys(keys, "dev-a"))
+    victim.connect()
+    victim.stream(Plan("dev-a", 2, h))
+    # mallory's own key, dev-a's ZeroMQ identity: with keys the server lets no connection take over an
+    # identity in use, so this connection never reaches it (or, were dev-a gone, gets NOT_AUTHORIZED).
+    mallory = RawDevice(receiver.endpoint, "dev-a", curve_keys(keys, "mallory"))
+    try:
+        for _ in range(receiver.limits.max_strikes + 2):
+            mallory.sock.send_multipart([bytes(f) for f in encode(MsgType.HEARTBEAT, "dev-a")])
+        time.sleep(0.5)
+    finally:
+        mallory.close()
+    session = receiver.snapshot()["dev-a"]
+    assert session.state == "streaming" and session.rejected == 0
+    victim.stream(Plan("dev-a", 4, h))  # its replies still reach it
+    victim.close()
+    assert receiver.snapshot()["dev-a"].batches == 4
+
+
 # -- key files ------------------------------------------------------------------------------------
 def test_keys_generate_writes_loadable_keys_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "keys"

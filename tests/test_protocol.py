@@ -122,3 +122,22 @@ def test_bad_headers_are_rejected():
 def test_seq_must_be_a_non_negative_int():
     frames = [bytes(f) for f in encode(MsgType.BATCH, "dev", good_batch(), seq=-1)]
     expect_error(frames, ErrorCode.BAD_HEADER)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_the_activation_bound_check_agrees_with_isfinite_and_abs(dtype):
+    from sftool.runtime.protocol import within_bound
+
+    rng = np.random.default_rng(1)
+    specials = [np.nan, -np.nan, np.inf, -np.inf, -0.0]
+    for trial in range(3000):
+        with np.errstate(over="ignore"):  # beyond float16's range is one of the cases
+            values = (rng.standard_normal(40) * 10 ** rng.uniform(-2, 4.5)).astype(dtype)
+        if trial % 5 == 0:
+            values[rng.integers(40)] = specials[trial % len(specials)]
+        bound = float(10 ** rng.uniform(-1, 5))
+        if trial % 7 == 0 and np.isfinite(values[1]):
+            bound = abs(float(values[1]))  # exactly at the bound
+        with np.errstate(invalid="ignore"):
+            expected = bool(np.isfinite(values).all() and (np.abs(values.astype(np.float64)) <= bound).all())
+        assert within_bound(values, bound) == expected, (values, bound)

@@ -49,7 +49,7 @@ def test_one_int8_model_per_target_with_parity_on_real_text(family, int8_artifac
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_saved_models_are_graph_optimized_and_every_projection_int8(family, int8_artifacts):
     folder = int8_artifacts(family)
-    for name in ("device.onnx", "device.int8.arm64.onnx"):
+    for name in ("device.ort.onnx", "device.int8.arm64.onnx"):
         graph = onnx.load(str(folder / name)).graph
         # ORT_ENABLE_EXTENDED fusions (contrib ops) are in the file itself, not redone at every load.
         assert any(n.domain == "com.microsoft" for n in graph.node), name

@@ -140,6 +140,7 @@ def device(
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
     max_len: Optional[int] = typer.Option(None, help="Truncate texts to this many tokens (default: the export's limit)."),
     server_timeout: float = typer.Option(30.0, help="Seconds of server silence before reconnecting."),
+    connect_timeout: Optional[float] = typer.Option(None, help="Seconds to keep trying to reach the server, with backoff (default: until stopped)."),
     report: Optional[Path] = typer.Option(None, help="Also write the device's totals as JSON to this file."),
     ort_optimization: str = typer.Option("basic", help="onnxruntime optimization at load: disable, basic, extended (the export is saved optimized)."),
     memory_arena: bool = typer.Option(True, "--memory-arena/--no-memory-arena", help="onnxruntime CPU memory arena."),
@@ -170,6 +171,7 @@ def device(
         threads=threads,
         max_len=max_len,
         server_timeout_s=server_timeout,
+        connect_timeout_s=connect_timeout,
         ort_optimization=ort_optimization,
         memory_arena=memory_arena,
         spin=spin,
@@ -190,6 +192,8 @@ def device(
         )
     if report_path is not None:
         report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if report.finished_by_server and report.finished_by_server.startswith("disconnected"):
+        raise SftoolError(f"the server ended this device's session: {report.finished_by_server}")
     if report.rejected:
         raise SftoolError(f"the server rejected {len(report.rejected)} batch(es): {report.rejected[0]}")
     ending = f" (server: {report.finished_by_server})" if report.finished_by_server else ""
@@ -282,6 +286,9 @@ def serve(
     curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", metavar="FILE", help="The server's secret key (NAME.key_secret): CurveZMQ, with --allow-keys."),
     allow_keys: Optional[Path] = typer.Option(None, "--allow-keys", metavar="DIR", help="Folder of the accepted devices' public keys, one DEVICE_ID.key each."),
     insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow a plain (unauthenticated, unencrypted) link on a non-loopback --bind."),
+    activation_bound: Optional[float] = typer.Option(None, help="Largest |activation| accepted from a device (default: 8 x the export's calibrated maximum)."),
+    max_devices: Optional[int] = typer.Option(None, help="Device sessions at once (default: twice --devices, at least --devices + 8)."),
+    max_strikes: Optional[int] = typer.Option(None, help="Invalid messages from one device before it is disconnected (default: 16)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive activation streams from devices and fine-tune LoRA on the server layers."""
@@ -302,6 +309,7 @@ def serve(
         "eval_label_field": label_field, "eval_every": eval_every, "eval_precision": eval_precision,
         "checkpoint_every": checkpoint_every, "log_samples": log_samples, "cache_activations": cache_activations,
         "cache_max_gb": cache_max_gb, "curve_secret": curve_secret, "allow_keys": allow_keys, "insecure": insecure,
+        "activation_bound": activation_bound, "max_devices": max_devices, "max_strikes": max_strikes,
     }
     lora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": _split_list(lora_targets)}
     optim = {"lr": lr, "warmup_steps": warmup_steps}
@@ -408,7 +416,7 @@ def _print_summary(summary: dict) -> None:
         if result:
             table.add_row(f"eval accuracy {when}", f"{result['accuracy']:.4f} (loss {result['loss']:.4f}, n={result['n']})")
     for name, d in summary["devices"].items():
-        table.add_row(f"device {name}", f"split {d['split']}, {d['samples']} samples, {d['bytes']:,} B, {d['finished']}")
+        table.add_row(f"device {name}", f"split {d['split']}, {d['samples_received']} received, {d['samples_trained']} trained, {d['bytes']:,} B, {d['state']}")
     table.add_row("adapter", summary["adapter"])
     Console().print(table)
 

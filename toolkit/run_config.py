@@ -10,7 +10,8 @@ dataclass defaults of ``ServeOptions`` (and its ``LoraSettings`` / ``OptimSettin
     [optim]      lr, weight_decay, warmup_steps, max_grad_norm
     [train]      batch_size, mix_capacity, mixing, schedule, max_steps, max_samples, seed, threads,
                  checkpoint_every, log_samples, cache_activations, cache_max_gb
-    [transport]  bind, devices, window, queue_size, device_timeout_s, pace, curve_secret, allow_keys, insecure
+    [transport]  bind, devices, window, queue_size, device_timeout_s, pace, curve_secret, allow_keys, insecure,
+                 activation_bound, max_devices, max_strikes
     [eval]       eval_data, eval_text_fields, eval_label_field, eval_every, eval_precision
     [run]        out
 """
@@ -35,7 +36,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("batch_size", "mix_capacity", "mixing", "schedule", "max_steps", "max_samples", "seed", "threads",
               "checkpoint_every", "log_samples", "cache_activations", "cache_max_gb"),
     "transport": ("bind", "devices", "window", "queue_size", "device_timeout_s", "pace", "curve_secret", "allow_keys",
-                  "insecure"),
+                  "insecure", "activation_bound", "max_devices", "max_strikes"),
     "eval": ("eval_data", "eval_text_fields", "eval_label_field", "eval_every", "eval_precision"),
     "run": ("out",),
 }

@@ -195,8 +195,12 @@ class Receiver(threading.Thread):
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        # A reconnecting device reuses its identity; let the new connection take it over.
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A reconnecting device reuses its identity; let the new connection take it over. With keys,
+        # not: another allow-listed device could take a device's identity, and its replies, that way.
+        # A dead connection then frees its identity through ZeroMQ heartbeats instead.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if device_keys is not None else 1)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         # Drop (at the transport) any frame larger than the largest valid batch could be.
         largest = max(a.schema.max_frame_bytes for a in accepted.values())
         self.sock.setsockopt(zmq.MAXMSGSIZE, largest + 64 * 1024)
@@ -293,20 +297,31 @@ class Receiver(threading.Thread):
             fields["seq"] = seq
         self._send(routing_id, MsgType.ERROR, **fields)
 
+    def _offender(self, frames: list[zmq.Frame]) -> bytes:
+        """Who answers for a message: its connection's key with an allow-list (a device picks its own
+        routing id, so that would let one device earn strikes for another), else the routing id."""
+        if self.device_keys is not None:
+            try:
+                return (frames[-1].get("User-Id") or "").encode()
+            except zmq.ZMQError:
+                return b""
+        return frames[0].bytes
+
     def _on_message(self, frames: list[zmq.Frame], oversized: bool = False) -> None:
         routing_id = frames[0].bytes
-        if routing_id in self._banned:
+        offender = self._offender(frames)
+        if offender in self._banned:
             return  # disconnected for the rest of the run: not even an answer
         if len(frames) < 2:
-            return self._refuse(routing_id, ProtocolError(ErrorCode.BAD_HEADER, "empty message"))
+            return self._refuse(routing_id, ProtocolError(ErrorCode.BAD_HEADER, "empty message"), offender)
         if oversized:
             return self._refuse(routing_id, ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"message exceeds {MAX_BATCH_FRAMES} frames or {self._max_message_bytes} bytes: dropped unread"))
+                f"message exceeds {MAX_BATCH_FRAMES} frames or {self._max_message_bytes} bytes: dropped unread"), offender)
         self._header_bytes = len(frames[1].buffer)
         try:
             header = decode_header(frames[1].buffer)
-            self._check_key(frames[1], header)
+            self._check_key(frames[1], header, routing_id)
             handler = {
                 MsgType.HELLO: self._on_hello,
                 MsgType.BATCH: self._on_batch,
@@ -320,32 +335,33 @@ class Receiver(threading.Thread):
             if session is not None and session.routing_id == routing_id:
                 session.last_seen = time.monotonic()  # only a valid message shows a device is alive
         except ProtocolError as exc:
-            self._refuse(routing_id, exc)
+            self._refuse(routing_id, exc, offender)
         except Exception as exc:  # a bug in handling one message must not take the server down
             log.exception("internal error handling a message")
             self._error(routing_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
-    def _refuse(self, routing_id: bytes, exc: ProtocolError) -> None:
-        """Answer a refused message with an ERROR; disconnect a connection that keeps sending them."""
+    def _refuse(self, routing_id: bytes, exc: ProtocolError, offender: bytes) -> None:
+        """Answer a refused message with an ERROR; disconnect whoever keeps sending them."""
         session = self._session_for(routing_id)
-        if session is not None:
+        own = session is not None and (self.device_keys is None or self.device_keys.get(session.device, "").encode() == offender)
+        if own:
             session.rejected += 1
         self._error(routing_id, exc.code, exc.reason, exc.seq)
-        if len(self._strikes) > 4 * self.limits.max_sessions and routing_id not in self._strikes:
+        if len(self._strikes) > 4 * self.limits.max_sessions and offender not in self._strikes:
             self._strikes.pop(next(iter(self._strikes)))  # bounded: forget the oldest offender
-        strikes = self._strikes[routing_id] = self._strikes.get(routing_id, 0) + 1
+        strikes = self._strikes[offender] = self._strikes.get(offender, 0) + 1
         if strikes >= self.limits.max_strikes:
-            self.disconnect(routing_id, f"{strikes} invalid messages")
+            self.disconnect(routing_id, f"{strikes} invalid messages", offender, session if own else None)
 
-    def disconnect(self, routing_id: bytes, why: str) -> None:
-        """End a connection for the rest of the run: BYE with the reason, then ignore it."""
+    def disconnect(self, routing_id: bytes, why: str, offender: bytes, session: DeviceSession | None) -> None:
+        """End a connection for the rest of the run: BYE with the reason, then ignore it (and, with
+        keys, its key); the session it owns, if any, ends too."""
         log.warning("disconnecting %r: %s", routing_id.decode(errors="replace"), why)
-        self._banned.add(routing_id)
-        with self._lock:
-            session = self._session_for(routing_id)
-            if session is not None:
+        self._banned.add(offender)
+        if session is not None:
+            with self._lock:
                 session.banned = True
-        self._held.pop(session.device, None) if session is not None else None
+            self._held.pop(session.device, None)
         self._send(routing_id, MsgType.BYE, reason=f"disconnected: {why}")
 
     def flag(self, device: str, why: str) -> None:
@@ -360,10 +376,12 @@ class Receiver(threading.Thread):
                 return
             session = self.sessions.get(device)
             if session is not None and not session.banned:
-                self._refuse(session.routing_id, ProtocolError(ErrorCode.BAD_VALUES, why))
+                offender = (self.device_keys or {}).get(device, "").encode() if self.device_keys is not None else session.routing_id
+                self._refuse(session.routing_id, ProtocolError(ErrorCode.BAD_VALUES, why), offender)
 
-    def _check_key(self, frame: zmq.Frame, header: Header) -> None:
-        """With an allow-list, the connection's key must be the key bound to the device id it names."""
+    def _check_key(self, frame: zmq.Frame, header: Header, routing_id: bytes) -> None:
+        """With an allow-list, the connection's key must be the key bound to the device id it names, and
+        its ZeroMQ identity that device id (so no other connection can hold that device's replies)."""
         if self.device_keys is None:
             return
         try:
@@ -372,6 +390,8 @@ class Receiver(threading.Thread):
             user = None
         if user is None or self.device_keys.get(header.device) != user:
             raise ProtocolError(ErrorCode.NOT_AUTHORIZED, f"this connection's key may not speak for device {header.device!r}")
+        if routing_id != header.device.encode():
+            raise ProtocolError(ErrorCode.NOT_AUTHORIZED, "with keys, a device's ZeroMQ identity must be its device id")
 
     def _session_for(self, routing_id: bytes) -> DeviceSession | None:
         for session in self.sessions.values():

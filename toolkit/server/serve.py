@@ -33,7 +33,7 @@ from sftool.server.checkpoint import (
 from sftool.server.evaluate import Evaluator
 from sftool.server.link_auth import LinkAuth, link_auth_for
 from sftool.server.mixing import POLICIES, MixingBuffer
-from sftool.server.receiver import AcceptedSplit, ReceivedBatch, Receiver
+from sftool.server.receiver import AcceptedSplit, LinkLimits, ReceivedBatch, Receiver
 from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
 from sftool.server.trainer import OptimSettings, Trainer
 from sftool.training.ledger import Ledger
@@ -86,6 +86,12 @@ class ServeOptions:
     #: Keep received activations (fp16, on disk) and replay later epochs without device compute.
     cache_activations: bool = False
     cache_max_gb: float = 4.0
+    #: Largest |activation| accepted from a device (None: the export's calibrated maximum x 8).
+    activation_bound: float | None = None
+    #: Device sessions at once (None: twice ``devices``, at least ``devices`` + 8).
+    max_devices: int | None = None
+    #: Invalid messages (or non-finite steps) from one device before it is disconnected.
+    max_strikes: int = 16
     #: CurveZMQ: the server's NAME.key_secret and the folder of allow-listed DEVICE_ID.key files.
     curve_secret: Path | None = None
     allow_keys: Path | None = None
@@ -117,7 +123,8 @@ def _load_accepted(opts: ServeOptions) -> dict[str, AcceptedSplit]:
         if any(a.manifest.split == manifest.split for a in accepted.values()):
             raise SftoolError(f"two artifacts folders export split {manifest.split}; give one per split")
         # The wire validates labels against the task's label spec (class ids 0..num_values-1 for classification).
-        accepted[sha] = AcceptedSplit(sha, manifest, manifest.batch_schema(task_of(opts).label_spec.num_values))
+        schema = manifest.batch_schema(task_of(opts).label_spec.num_values, opts.activation_bound)
+        accepted[sha] = AcceptedSplit(sha, manifest, schema)
     if not accepted:
         raise SftoolError("give at least one --artifacts folder (the device export this server accepts)")
     return accepted
@@ -212,7 +219,15 @@ class StreamTrainer:
             Budget(opts.max_steps, opts.max_samples), opts.eval_every, opts.checkpoint_every,
             evaluate=lambda: self.evaluate(self._log_line), checkpoint=self.checkpoint,
             extra_metrics=lambda: {"queue_depth": float(self.source.depth())},
+            on_refused=self._flag_devices,
         )
+
+    def _flag_devices(self, batch) -> None:
+        """A step on this batch was not finite and was not applied: each device in it gets a strike."""
+        if self.receiver is None:
+            return
+        for device in sorted({k.device for k in batch.keys}):
+            self.receiver.flag(device, "a training step on this device's samples was not finite")
 
     @property
     def samples_trained(self) -> int:
@@ -370,6 +385,8 @@ def _serve(opts: ServeOptions, link: LinkAuth | None, on_progress, log_line: Cal
         ack="trained" if opts.schedule == "sequential" else ("taken" if ordered else "queued"),
         device_timeout_s=opts.device_timeout_s,
         pace=opts.pace,
+        limits=LinkLimits(max_sessions=opts.max_devices or max(2 * opts.devices, opts.devices + 8),
+                          max_strikes=opts.max_strikes),
         **(link.receiver_options() if link is not None else {}),
     )
 
@@ -427,12 +444,12 @@ def _drive(opts: ServeOptions, stream: StreamTrainer, accepted, start: Callable[
     out = Path(opts.out)
     if opts.resume:
         stream.resume(latest_checkpoint(out), log_line)
-        eval_before = stream.evals[0] if stream.evals else None
     else:
         write_run_record(out, _run_record(opts, accepted))
         write_run_config(out, opts)
-        eval_before = stream.evaluate(log_line)
+    # Listen first: devices connect and fill their windows while the first evaluation runs.
     start()
+    eval_before = (stream.evals[0] if stream.evals else None) if opts.resume else stream.evaluate(log_line)
     restore_signal = _stop_on_sigterm(stream)
     started = time.perf_counter()
     ended: float | None = None
@@ -525,6 +542,7 @@ def _make_evaluator(opts: ServeOptions, model: SplitServerModel, manifests: list
 def _summary(opts: ServeOptions, stream: StreamTrainer, reason: str, wall_s: float) -> dict:
     receiver = stream.receiver
     sessions = stream.sessions()
+    refused = stream.progress_state.refused_by_device
     return {
         "stopped": reason,
         "samples_trained": stream.samples_trained,
@@ -545,13 +563,16 @@ def _summary(opts: ServeOptions, stream: StreamTrainer, reason: str, wall_s: flo
                 "precision": s.precision,
                 "wire_dtype": s.wire_dtype,
                 "batches": s.batches,
-                "samples": s.samples,
+                "samples_received": s.samples,
+                "samples_trained": stream.ledger.settled_samples(name) - refused.get(name, 0),
+                "samples_refused": refused.get(name, 0),
                 "bytes": s.bytes_received,
                 "duplicates": s.duplicates,
                 "rejected": s.rejected,
-                "finished": "bye" if s.said_bye else ("timeout" if s.timed_out else "connected"),
+                "state": s.state,
             }
             for name, s in sessions.items()
         },
+        "samples_refused": stream.progress_state.samples_refused,
         "adapter": str(Path(opts.out) / "adapter"),
     }
