@@ -26,6 +26,7 @@ from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_varia
 from sftool.runtime.protocol import FP16_MAX, MsgType, batch_arrays, encode
 
 WIRE_DTYPES = ("fp16", "fp32")
+RUNTIMES = ("onnxruntime", "onnx")
 #: How long a device waits for the server's WELCOME (a server loading a large model takes a while).
 HELLO_TIMEOUT_S = 60.0
 
@@ -45,6 +46,8 @@ class DeviceOptions:
     precision: str = "auto"
     wire_dtype: str = "fp16"
     threads: int | None = None
+    #: Which files to run: "onnxruntime" (its optimized graphs and int8 models) or "onnx" (standard ONNX only).
+    runtime: str = "onnxruntime"
     #: onnxruntime graph optimizations at load: disable|basic|extended|all (the export is saved at extended).
     ort_optimization: str = "basic"
     #: onnxruntime's CPU memory arena (off: lower resident memory, slightly slower).
@@ -208,9 +211,11 @@ def run_device(
     curve = link_curve(opts)  # before the model loads: a key mistake fails at once
     started = time.perf_counter()
     manifest = load_manifest(opts.artifacts)
-    variant = choose_variant(manifest, opts.precision)
+    if opts.runtime not in RUNTIMES:
+        raise SftoolError(f"--runtime must be one of {', '.join(RUNTIMES)}")
+    variant = choose_variant(manifest, opts.precision, runtime=opts.runtime)
     settings = SessionSettings(opts.threads, opts.ort_optimization, opts.memory_arena, opts.spin)
-    model = DeviceModel(opts.artifacts, manifest, variant, settings=settings)
+    model = DeviceModel(opts.artifacts, manifest, variant, settings=settings, runtime=opts.runtime)
     message = f"{opts.device_id}: running {model.description}"
     logging.getLogger("sftool.device").info(message)
     if log:

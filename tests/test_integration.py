@@ -38,8 +38,10 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
     )
     blocked = torch_blocked_env(tmp_path)
     devices = [
+        # dev1 runs the standard-ONNX device.onnx (what another ONNX runtime would load), dev0 the
+        # onnxruntime-optimized file: both streams must train the same model.
         spawn("device", "--artifacts", artifacts, "--connect", endpoint, "--data", shard, "--device-id", f"dev{i}",
-              "--epochs", str(EPOCHS), "--threads", "1", env=blocked)
+              "--epochs", str(EPOCHS), "--threads", "1", "--runtime", ("onnxruntime", "onnx")[i], env=blocked)
         for i, shard in enumerate(shards)
     ]
     device_out = [wait(d, 180) for d in devices]
@@ -50,6 +52,7 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
     assert summary["stopped"] == "all devices finished", server_out
     total = 2 * ROWS * EPOCHS
     assert summary["samples_trained"] == total
+    assert "(device.onnx)" in device_out[1], device_out[1]
     for i, out in enumerate(device_out):
         assert f"{ROWS * EPOCHS} samples in" in out and "acknowledged" in out
         d = summary["devices"][f"dev{i}"]

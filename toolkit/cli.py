@@ -119,7 +119,8 @@ def export(
         )
         parity = manifest.parity.get("fp32_vs_torch", {})
         worst = max((p["max_abs_diff"] for p in parity.values()), default=float("nan"))
-        typer.echo(f"split {k}: {folder} ({', '.join(v.file for v in manifest.variants)}), fp32 max abs diff {worst:.2e}")
+        files = [f for v in manifest.variants for f in (v.file, v.optimized_file) if f]
+        typer.echo(f"split {k}: {folder} ({', '.join(files)}), fp32 max abs diff {worst:.2e}")
 
 
 @app.command()
@@ -142,6 +143,7 @@ def device(
     server_timeout: float = typer.Option(30.0, help="Seconds of server silence before reconnecting."),
     connect_timeout: Optional[float] = typer.Option(None, help="Seconds to keep trying to reach the server, with backoff (default: until stopped)."),
     report: Optional[Path] = typer.Option(None, help="Also write the device's totals as JSON to this file."),
+    runtime: str = typer.Option("onnxruntime", help="Files to run: onnxruntime (its optimized graphs, int8) or onnx (standard ONNX only)."),
     ort_optimization: str = typer.Option("basic", help="onnxruntime optimization at load: disable, basic, extended (the export is saved optimized)."),
     memory_arena: bool = typer.Option(True, "--memory-arena/--no-memory-arena", help="onnxruntime CPU memory arena."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="Let onnxruntime threads spin between batches (off saves power)."),
@@ -172,6 +174,7 @@ def device(
         max_len=max_len,
         server_timeout_s=server_timeout,
         connect_timeout_s=connect_timeout,
+        runtime=runtime,
         ort_optimization=ort_optimization,
         memory_arena=memory_arena,
         spin=spin,
