@@ -66,3 +66,39 @@ def test_resume_after_kill_trains_every_sample_once(tiny_model, tiny_artifacts, 
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"correct"' in line]
     assert steps == list(range(1, len(steps) + 1)), "step numbers continue from the checkpoint"
     assert summary["stopped"] == "all devices finished"
+
+
+def test_a_device_killed_and_restarted_loses_nothing_and_repeats_nothing(tiny_model, tiny_artifacts, device_shards,
+                                                                          free_port, tmp_path):
+    """SIGKILL a device mid-stream and start it again: the server tells it what is trained, it resends the
+    rest, duplicates of what the server already holds are acknowledged and dropped; every sample once."""
+    artifacts = tiny_artifacts("gpt2")
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    run = tmp_path / "run"
+    server = spawn(
+        "serve", "--model", tiny_model("gpt2"), "--artifacts", artifacts, "--bind", endpoint, "--out", run,
+        "--devices", "2", "--batch-size", "16", "--mix-capacity", "32", "--log-samples", "--threads", "1",
+        "--no-pace",
+    )
+    shards = device_shards(ROWS)
+
+    def device(i: int):
+        return spawn("device", "--artifacts", artifacts, "--connect", endpoint, "--data", shards[i],
+                     "--device-id", f"dev{i}", "--epochs", str(EPOCHS), "--threads", "1")
+
+    steady, victim = device(0), device(1)
+    wait_for_step(run / "metrics.jsonl", 8, server)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    again = device(1)
+    outs = [d.communicate(timeout=240)[0] for d in (steady, again)]
+    assert all(d.returncode == 0 for d in (steady, again)), outs
+    out, _ = server.communicate(timeout=120)
+    assert server.returncode == 0, out
+
+    summary = json.loads((run / "summary.json").read_text())
+    counts = Counter(trained_samples(run / "metrics.jsonl"))
+    assert max(counts.values()) == 1, [k for k, c in counts.items() if c > 1][:5]
+    assert len(counts) == 2 * ROWS * EPOCHS == summary["samples_trained"]
+    assert summary["devices"]["dev1"]["samples_trained"] == ROWS * EPOCHS
+    assert summary["stopped"] == "all devices finished"
