@@ -51,7 +51,7 @@ def test_resume_after_kill_trains_every_sample_once(tiny_model, tiny_artifacts, 
     killed_at = int(checkpoint.split("-")[1])
     assert killed_at >= 10
 
-    second = spawn("serve", "--resume", run, "--bind", endpoint)
+    second = spawn("serve", "--resume", run)  # every option comes back from run.toml, the endpoint too
     outs = [d.communicate(timeout=240)[0] for d in devices]
     assert all(d.returncode == 0 for d in devices), outs
     out, _ = second.communicate(timeout=120)
