@@ -50,6 +50,8 @@ def test_serve_and_two_devices_learn_the_task(family, tiny_model, tiny_artifacts
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped"] == "all devices finished", server_out
+    # Devices are let in while the first evaluation runs, not held out until it ends.
+    assert server_out.index("listening on") < server_out.index("eval at step 0"), server_out
     total = 2 * ROWS * EPOCHS
     assert summary["samples_trained"] == total
     assert "(device.onnx)" in device_out[1], device_out[1]

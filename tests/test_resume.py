@@ -102,3 +102,29 @@ def test_a_device_killed_and_restarted_loses_nothing_and_repeats_nothing(tiny_mo
     assert len(counts) == 2 * ROWS * EPOCHS == summary["samples_trained"]
     assert summary["devices"]["dev1"]["samples_trained"] == ROWS * EPOCHS
     assert summary["stopped"] == "all devices finished"
+
+
+def test_sigterm_ends_the_device_and_the_server_cleanly(tiny_model, tiny_artifacts, device_shards, free_port, tmp_path):
+    """SIGTERM on a device: it says BYE with its totals and exits; on the server: checkpoint, adapter,
+    summary, BYE to the devices still streaming, which exit cleanly too."""
+    artifacts = tiny_artifacts("gpt2")
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    run = tmp_path / "run"
+    server = spawn("serve", "--model", tiny_model("gpt2"), "--artifacts", artifacts, "--bind", endpoint, "--out", run,
+                   "--devices", "2", "--batch-size", "16", "--mix-capacity", "32", "--threads", "1", "--no-pace")
+    shards = device_shards(ROWS)
+    devices = [spawn("device", "--artifacts", artifacts, "--connect", endpoint, "--data", shards[i], "--device-id",
+                     f"dev{i}", "--epochs", "20", "--threads", "1") for i in range(2)]
+    wait_for_step(run / "metrics.jsonl", 5, server)
+    devices[0].send_signal(signal.SIGTERM)
+    out0, _ = devices[0].communicate(timeout=60)
+    assert devices[0].returncode == 130 and "Traceback" not in out0, out0
+    server.send_signal(signal.SIGTERM)
+    out, _ = server.communicate(timeout=120)
+    assert server.returncode == 0 and "Traceback" not in out, out
+    out1, _ = devices[1].communicate(timeout=60)
+    assert devices[1].returncode == 0 and "server: terminated" in out1, out1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped"] == "terminated"
+    assert summary["devices"]["dev0"]["state"] == "finished" and summary["devices"]["dev1"]["state"] == "stopped"
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "checkpoints" / "LATEST").is_file()

@@ -98,6 +98,8 @@ class DeviceSession:
     timed_out: bool = False
     #: Disconnected by the server for sending invalid messages.
     banned: bool = False
+    #: Told by the server's BYE to stop (the run ended before the device was done).
+    stopped_by_server: bool = False
     schema: BatchSchema | None = None
     skip_epochs: list[int] = field(default_factory=list)
     #: Samples the device announced it will send in this run (0: unknown, never paced).
@@ -109,9 +111,12 @@ class DeviceSession:
 
     @property
     def state(self) -> str:
-        """How the session stands: streaming, finished (confirmed BYE), silent (timed out), disconnected."""
+        """How the session stands: streaming, finished (said BYE when done), stopped (by the server's BYE),
+        silent (timed out), disconnected (for invalid messages)."""
         if self.banned:
             return "disconnected"
+        if self.stopped_by_server:
+            return "stopped"
         if self.said_bye:
             return "finished"
         return "silent" if self.timed_out else "streaming"
@@ -577,10 +582,13 @@ class Receiver(threading.Thread):
 
     def _say_goodbye(self, reason: str) -> set[bytes]:
         """BYE with ``reason`` to every device still streaming; returns their routing ids."""
-        told = {session.routing_id for session in self.sessions.values() if not session.finished}
-        for routing_id in told:
-            self._send(routing_id, MsgType.BYE, reason=reason)
-        return told
+        streaming = [session for session in self.sessions.values() if not session.finished]
+        with self._lock:
+            for session in streaming:
+                session.stopped_by_server = True
+        for session in streaming:
+            self._send(session.routing_id, MsgType.BYE, reason=reason)
+        return {session.routing_id for session in streaming}
 
     def _await_goodbyes(self, told: set[bytes]) -> None:
         """Keep the socket open until every device in ``told`` has confirmed with its BYE (or
