@@ -188,3 +188,42 @@ def link(
     if out:
         write_results(results, out)
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def flood(
+    devices: int = typer.Option(100, help="Devices at once, flooders included."),
+    flooders: int = typer.Option(10, help="Devices that ignore their window and send as fast as the transport takes it."),
+    seconds: float = typer.Option(20.0, help="How long the devices stream (then BYE all round)."),
+    batches: int = typer.Option(0, help="Batches in each well-behaved device's plan (0: twice its share of the drain)."),
+    batch: int = typer.Option(8, help="Samples per batch (default: the SmolLM2-135M split's real batch)."),
+    seq_len: int = typer.Option(128, help="Tokens per sample."),
+    hidden: int = typer.Option(576, help="Hidden size of the activations (SmolLM2-135M: 576)."),
+    window: int = typer.Option(4, help="The server's credit window."),
+    queue_size: int = typer.Option(16, help="The server's batch queue."),
+    drain_rate: float = typer.Option(200.0, help="Batches per second the trainer stand-in takes off the queue."),
+    ack: str = typer.Option("taken", help="The receiver's ACK policy: taken (sftool serve's pipelined default) or queued."),
+    pace: bool = typer.Option(True, "--pace/--no-pace", help="Pace credits by announced data size (as sftool serve does)."),
+    out: Optional[Path] = typer.Option(None, "--json", "--out", help="Write the results as JSON."),
+) -> None:
+    """A load test of the server's receiver: every device served, peak server memory beside its configured bound."""
+    from rich.console import Console
+    from rich.markup import escape
+    from sftool.bench_flood import FloodBenchConfig, print_flood_bench, run_flood_bench, write_results
+
+    err = Console(stderr=True, highlight=False)
+    cfg = FloodBenchConfig(devices=devices, flooders=flooders, seconds=seconds, batches=batches, batch=batch,
+                           seq_len=seq_len, hidden=hidden, window=window, queue_size=queue_size, drain_rate=drain_rate,
+                           ack=ack, pace=pace)
+    try:
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise SftoolError(str(exc)) from None
+        results = run_flood_bench(cfg, log=lambda m: err.print(f"[dim]bench:[/] {escape(m)}"))
+    except SftoolError as exc:
+        raise exit_for(exc) from None
+    print_flood_bench(results)
+    if out:
+        write_results(results, out)
+        typer.echo(f"wrote {out}")

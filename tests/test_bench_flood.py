@@ -1,0 +1,57 @@
+"""`sftool bench flood` on a tiny run: every well-behaved device served, flooders refused or throttled,
+the receiver alive to the end, the peak memory reported beside its bound (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from cli_helpers import run_cli
+from sftool.bench_flood import FloodBenchConfig, MemoryBound, memory_bound
+
+
+def test_bench_flood_tiny_run(tmp_path):
+    out = tmp_path / "flood.json"
+    result = run_cli("bench", "flood", "--devices", "8", "--flooders", "2", "--seconds", "3", "--batch", "8",
+                     "--seq-len", "64", "--hidden", "128", "--drain-rate", "100", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "well-behaved" in result.output and "flooders" in result.output and "peak RSS" in result.output
+    r = json.loads(out.read_text())
+
+    well, flood = r["well_behaved"], r["flooders"]
+    assert well["devices"] == 6 and flood["devices"] == 2
+    assert r["every_device_served"] and well["got_none"] == [] and well["acks_min"] > 0
+    assert well["errors"] == {} and well["failures"] == {} and well["disconnected"] == 0
+    # The server's count agrees with the devices': a well-behaved device's ACKs were all its batches.
+    assert well["server_accepted"] >= well["acks_total"]
+    # Flooders ignore their window: refused with WINDOW_EXCEEDED (and disconnected), or held back.
+    assert flood["errors"].get("WINDOW_EXCEEDED", 0) > 0 or flood["acks_max"] < well["acks_min"]
+    assert flood["sent"] > flood["acks_total"]
+    assert not well["not_joined"] and not flood["not_joined"]
+
+    server = r["server"]
+    assert server["alive"] and server["stopped"] and server["drained"] > 0
+    assert "INTERNAL" not in flood["errors"]
+
+    bound, memory = r["bound"], r["memory"]
+    assert bound["overhead_mb"] > 0 and bound["data_mb"] > 0
+    assert bound["total_mb"] == bound["overhead_mb"] + bound["data_mb"]
+    assert memory["peak_rss_mb"] > 0 and isinstance(memory["within_bound"], bool)
+    assert memory["rss_timeline"], "the server's RSS is sampled over the run"
+    assert r["machine"]["cpu"]
+
+
+def test_the_bound_counts_queue_windows_and_the_flooders_transport():
+    cfg = FloodBenchConfig(devices=10, flooders=3, batch=2, seq_len=8, hidden=16, window=4, queue_size=16)
+    bound = memory_bound(cfg)
+    assert isinstance(bound, MemoryBound)
+    # queue + the trainer's batch + every session's window + per flooder libzmq's 2 x window + 8 and one being read
+    assert bound.messages == 16 + 1 + 10 * 4 + 3 * (2 * 4 + 8 + 1)
+    # the largest valid BATCH is float32 at the manifest's largest shape: more than the fp16 batch sent
+    assert bound.largest_message_bytes > 2 * 8 * 16 * 4 > bound.sent_message_bytes
+    assert cfg.plan_batches() >= 8
+
+
+def test_bench_flood_refuses_a_bad_configuration():
+    result = run_cli("bench", "flood", "--devices", "2", "--flooders", "3")
+    assert result.exit_code != 0
+    assert "flooders" in result.output
