@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from sftool.training.ledger import SampleKey
+from sftool.training.task import IGNORE_INDEX
 
 POLICIES = ("mix", "fifo")
 
@@ -20,7 +21,8 @@ POLICIES = ("mix", "fifo")
 class Sample:
     hidden: torch.Tensor  # [T_i, H] float32, trimmed after the last real token
     mask: torch.Tensor  # [T_i] long
-    label: int
+    #: A class id, or token labels [T_i] (trimmed like ``hidden``) for a causal-LM task.
+    label: int | torch.Tensor
     device: str
     sample_id: int
     epoch: int
@@ -31,7 +33,7 @@ class Sample:
 class TrainBatch:
     hidden: torch.Tensor  # [B, T, H]
     attention_mask: torch.Tensor  # [B, T]
-    labels: torch.Tensor  # [B]
+    labels: torch.Tensor  # [B] class ids, or [B, T] token labels
     samples: list[Sample]
 
     @property
@@ -49,7 +51,12 @@ def collate(samples: list[Sample]) -> TrainBatch:
     for i, s in enumerate(samples):
         hidden[i, : s.hidden.shape[0]] = s.hidden
         mask[i, : s.mask.shape[0]] = s.mask
-    labels = torch.tensor([s.label for s in samples], dtype=torch.long, device=first.device)
+    if isinstance(samples[0].label, torch.Tensor):  # token labels: padding is never a target
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long, device=first.device)
+        for i, s in enumerate(samples):
+            labels[i, : s.label.shape[0]] = s.label
+    else:
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long, device=first.device)
     return TrainBatch(hidden, mask, labels, samples)
 
 

@@ -1,8 +1,9 @@
 """What depends on the task: the head, the labels' shape on the wire, the loss, the metrics.
 
-Methods and the training loop call a :class:`Task` and never branch on which task it is, so a
-causal-LM task plugs in beside classification without touching them: it brings its own head
-(``causal_lm``), label spec (``[B, T]`` token ids with an ignore index), loss and scoring.
+Methods and the training loop call a :class:`Task` and never branch on which task it is:
+:class:`ClassificationTask` (one class id per sample, a ``score`` head) and :class:`CausalLMTask`
+(one token label per position, the model's own LM head, loss on the answer tokens only) plug into
+the same model, trainer and loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+#: The token label that counts as "no label" (prompt and padding positions): PyTorch's default.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -129,3 +133,71 @@ class ClassificationTask:
 
     def labels_tensor(self, labels: Sequence) -> torch.Tensor:
         return torch.as_tensor([int(y) for y in labels], dtype=torch.long)
+
+
+def answer_labels(input_ids: Sequence[int], prompt_tokens: int) -> list[int]:
+    """Token labels of one sample: its ids, with the first ``prompt_tokens`` (the prompt) ignored,
+    so the loss covers the answer alone."""
+    ids = [int(t) for t in input_ids]
+    keep = max(0, min(prompt_tokens, len(ids)))
+    return [IGNORE_INDEX] * keep + ids[keep:]
+
+
+@dataclass(frozen=True)
+class CausalLMTask:
+    """Next-token prediction on the answer tokens: the model's own LM head (frozen; tied to the input
+    embeddings in SmolLM2 and Llama-3.2), logits at every position, cross-entropy of position t
+    against token t+1 wherever that token is labelled. The adapter (LoRA only) loads with plain peft
+    on ``AutoModelForCausalLM``."""
+
+    vocab_size: int
+    ignore_index: int = IGNORE_INDEX
+    name: str = "causal-lm"
+    head: str = "causal_lm"
+
+    @property
+    def label_spec(self) -> LabelSpec:
+        return LabelSpec(dims=("T",), num_values=self.vocab_size, ignore_index=self.ignore_index)
+
+    def peft_task_type(self):
+        from peft import TaskType
+
+        return TaskType.CAUSAL_LM
+
+    def model_kwargs(self) -> dict:
+        return {"head": self.head}
+
+    def head_module(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        return hf_model.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+        """[B, T, V] next-token logits from the final-norm output [B, T, H]."""
+        return head(hidden)
+
+    def _shifted(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Position t predicts token t+1: the last position has nothing to predict, the first token
+        # is never a target.
+        return logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the labelled (answer) tokens of the batch."""
+        flat_logits, flat_labels = self._shifted(logits, labels)
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> Score:
+        """Loss summed over labelled tokens, and how many of them the argmax predicts."""
+        flat_logits, flat_labels = self._shifted(logits, labels)
+        counted = flat_labels != self.ignore_index
+        loss_sum = float(F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=self.ignore_index, reduction="sum"))
+        correct = int((flat_logits.argmax(-1)[counted] == flat_labels[counted]).sum())
+        return Score(loss_sum, correct, int(counted.sum()))
+
+    def labels_tensor(self, labels: Sequence) -> torch.Tensor:
+        """[B, T] from per-sample token labels, right-padded with the ignore index to the longest."""
+        rows = [[int(t) for t in row] for row in labels]
+        longest = max((len(r) for r in rows), default=0)
+        out = torch.full((len(rows), longest), self.ignore_index, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        return out
