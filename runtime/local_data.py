@@ -14,15 +14,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
+from sftool.runtime.protocol import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled text. ``sample_id`` is stable across epochs and devices' restarts."""
+    """One labelled text, or (causal LM) a prompt and its answer. ``sample_id`` is stable across
+    epochs and devices' restarts."""
 
     sample_id: int
     text: str
     label: int
+    #: The target text of a causal-LM example (``label`` is then -1): the loss covers its tokens only.
+    answer: str | None = None
 
 
 _INT_RE = re.compile(r"-?\d+")
@@ -157,6 +161,40 @@ def read_examples(
     return read_labelled(path, text_fields, label_field, id_field, label_names)[0]
 
 
+#: Where the prompt goes in a prompt template (the model's chat format, rendered at export).
+PROMPT_SLOT = "{prompt}"
+
+
+def read_prompt_answer(
+    path: Path,
+    prompt_fields: Sequence[str] = ("question",),
+    answer_field: str = "answer",
+    id_field: str = "id",
+    template: str | None = None,
+) -> list[Example]:
+    """Causal-LM examples of a JSONL/CSV file: the prompt (fields joined by a newline, put into
+    ``template`` at ``{prompt}`` when given) and the answer to learn. Sample ids as in ``read_labelled``."""
+    if template is not None and PROMPT_SLOT not in template:
+        raise SftoolError(f"a prompt template needs the slot {PROMPT_SLOT}")
+    rows = read_rows(Path(path))
+    out = []
+    for i, (where, row) in enumerate(rows):
+        for f in (*prompt_fields, answer_field):
+            if f not in row or row[f] is None:
+                have = ", ".join(map(str, row)) or "nothing"
+                raise SftoolError(f"{path}:{where}: no field {f!r} (row has {have})")
+        prompt = "\n".join(str(row[f]) for f in prompt_fields)
+        raw_id = row.get(id_field)
+        sample_id = i if raw_id in (None, "") else as_int(raw_id)
+        if sample_id is None:
+            raise SftoolError(f"{path}:{where}: sample id {raw_id!r} in field {id_field!r} is not an integer")
+        text = template.replace(PROMPT_SLOT, prompt) if template else prompt
+        out.append(Example(sample_id, text, -1, str(row[answer_field])))
+    if len({e.sample_id for e in out}) != len(out):
+        raise SftoolError(f"{path}: sample ids in field {id_field!r} are not unique")
+    return out
+
+
 class TextEncoder:
     """Tokenizes text into right-padded ``input_ids``/``attention_mask`` trimmed to the longest row."""
 
@@ -175,6 +213,11 @@ class TextEncoder:
     def lengths(self, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in self._tok.encode_batch(list(texts))]
 
+    def token_ids(self, texts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
+        """Each text's token ids (truncated to ``max_len``); ``special_tokens=False`` leaves out what the
+        tokenizer adds around a text (a BOS), as for an answer that continues a prompt."""
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=special_tokens)]
+
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 ids [B,T] and int64 mask [B,T], T = the longest row (padding costs compute and bytes)."""
         encodings = self._tok.encode_batch(list(texts))
@@ -189,6 +232,33 @@ class TextEncoder:
             ids[row, :n] = enc.ids
             mask[row, :n] = 1
         return ids, mask
+
+
+def encode_with_answers(
+    encoder: TextEncoder, prompts: Sequence[str], answers: Sequence[str], eos_token_id: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, mask and token labels [B, T] (int64) of prompt + answer (+ EOS) rows, right-padded.
+
+    Labels are the answer's token ids (and EOS) and ``IGNORE_INDEX`` at prompt and padding positions,
+    so the loss covers the answer alone. A row longer than ``max_len`` loses the start of its prompt
+    first (the answer and its final number matter more), then the end of its answer.
+    """
+    rows = []
+    for prompt_ids, answer_ids in zip(encoder.token_ids(prompts), encoder.token_ids(answers, special_tokens=False)):
+        answer_ids = list(answer_ids) + ([eos_token_id] if eos_token_id is not None else [])
+        answer_ids = answer_ids[: encoder.max_len]
+        prompt_ids = list(prompt_ids)[max(0, len(prompt_ids) + len(answer_ids) - encoder.max_len):]
+        rows.append((prompt_ids, answer_ids))
+    longest = max(1, max(len(p) + len(a) for p, a in rows))
+    ids = np.full((len(rows), longest), encoder.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    labels = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
+    for r, (prompt_ids, answer_ids) in enumerate(rows):
+        n, m = len(prompt_ids), len(answer_ids)
+        ids[r, : n + m] = prompt_ids + answer_ids
+        mask[r, : max(1, n + m)] = 1
+        labels[r, n : n + m] = answer_ids
+    return ids, mask, labels
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, window: int = 8) -> list[list[int]]:

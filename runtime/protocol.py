@@ -81,6 +81,9 @@ class ProtocolError(ValueError):
         self.seq = seq
 
 
+#: The token label that means "not a target" (prompt and padding positions of a causal-LM batch).
+IGNORE_INDEX = -100
+
 #: Wire dtypes by name. Only these ever cross the wire; all little-endian.
 WIRE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),

@@ -71,3 +71,22 @@ def test_the_split_causal_lm_trains_and_its_adapter_loads_with_plain_peft(tiny_m
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits[real], model.full_forward(ids, mask)[real],
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_device_encodes_prompt_and_answer_with_labels_on_the_answer_alone(tiny_model, tmp_path):
+    import json
+
+    from sftool.runtime.local_data import TextEncoder, encode_with_answers, read_prompt_answer
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"id": 7, "question": "w1 w2 w3", "answer": "good movie"}) + "\n")
+    [example] = read_prompt_answer(data, template="w0 {prompt}")
+    assert (example.sample_id, example.text, example.answer) == (7, "w0 w1 w2 w3", "good movie")
+    tokenizer = tiny_model("llama") / "tokenizer.json"
+    ids, mask, labels = encode_with_answers(TextEncoder(tokenizer, 16, 0), [example.text], [example.answer], eos_token_id=2)
+    # vocabulary: <pad> <unk> <eos> w0 w1 ... (w_i = 3 + i), good = 59, movie = 61
+    assert ids.tolist() == [[3, 4, 5, 6, 59, 61, 2]] and mask.tolist() == [[1] * 7]
+    assert labels.tolist() == [[IGNORE_INDEX] * 4 + [59, 61, 2]]
+    # Too long: the prompt loses its start, the answer is kept whole.
+    ids, _, labels = encode_with_answers(TextEncoder(tokenizer, 5, 0), [example.text], [example.answer], eos_token_id=2)
+    assert ids.tolist() == [[5, 6, 59, 61, 2]] and labels.tolist() == [[IGNORE_INDEX] * 2 + [59, 61, 2]]

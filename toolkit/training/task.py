@@ -13,9 +13,11 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+from sftool.runtime.protocol import IGNORE_INDEX  # one value on the wire, on devices and in the loss
 
-#: The token label that counts as "no label" (prompt and padding positions): PyTorch's default.
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "CausalLMTask", "ClassificationTask", "LabelSpec", "Score", "Task", "answer_labels",
+           "last_token_index"]
+
 
 
 @dataclass(frozen=True)
