@@ -50,6 +50,7 @@ from sftool.bench_link import (
     _size,
     write_results,
 )
+from sftool.errors import SftoolError
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
 from sftool.runtime.files import cpu_name
 from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
@@ -58,6 +59,8 @@ __all__ = ["FloodBenchConfig", "MemoryBound", "memory_bound", "run_flood_bench",
 
 #: The server's ACK policies this bench can stand in for (``sftool serve``: taken when pipelined).
 ACK_POLICIES = ("taken", "queued")
+#: The two kinds of device, as the results name them and as the report shows them.
+GROUPS = (("well_behaved", "well-behaved"), ("flooders", "flooders"))
 #: Extra time the run may take past ``seconds`` to say BYE and join everything before it gives up.
 SHUTDOWN_S = 30.0
 #: The child server ends itself this long after ``seconds`` if it is never told to stop.
@@ -330,7 +333,7 @@ class ServerChild:
     def wait_ready(self, timeout: float = 60.0) -> str:
         """The server's endpoint once it listens."""
         if not self.ready.wait(timeout):
-            raise RuntimeError(f"the bench server did not start within {timeout:.0f}s: {self.stderr_tail()}")
+            raise SftoolError(f"the bench server did not start within {timeout:.0f}s: {self.stderr_tail()}")
         return self.endpoint
 
     @property
@@ -352,7 +355,7 @@ class ServerChild:
             self.proc.kill()
             self.proc.wait(5.0)
         if self.result is None:
-            raise RuntimeError(f"the bench server gave no result (exit {self.proc.returncode}): {self.stderr_tail()}")
+            raise SftoolError(f"the bench server gave no result (exit {self.proc.returncode}): {self.stderr_tail()}")
         return self.result
 
     def stderr_tail(self, lines: int = 20) -> str:
@@ -648,13 +651,14 @@ def print_flood_bench(results: dict, console: Any = None) -> None:
                            f"({_size(bound['sent_message_bytes'])}), window {cfg['window']}, queue {cfg['queue_size']}, "
                            f"drain {cfg['drain_rate']:g}/s, {results['wall_s']:.1f} s; CPU: {machine['cpu']} "
                            f"({machine['cpus']} cores)"))
-    for col in ("devices", "count", "ACKs min", "median", "max", "got none", "sent", "errors by code", "disconnected"):
-        devices.add_column(col, justify="left" if col in ("devices", "errors by code") else "right")
-    for name, label in (("well_behaved", "well-behaved"), ("flooders", "flooders")):
-        g = results[name]
-        errors = ", ".join(f"{k} {v}" for k, v in g["errors"].items()) or "-"
-        devices.add_row(label, str(g["devices"]), str(g["acks_min"]), f"{g['acks_median']:g}", str(g["acks_max"]),
-                        str(len(g["got_none"])), str(g["sent"]), errors, str(g["disconnected"]))
+    rows = [[label, str(g["devices"]), str(g["acks_min"]), f"{g['acks_median']:g}", str(g["acks_max"]),
+             str(len(g["got_none"])), str(g["sent"]), str(sum(g["errors"].values()))]
+            for g, label in ((results[name], label) for name, label in GROUPS)]
+    # a narrow terminal wraps the headers, never a figure; errors by code and disconnections follow below
+    for i, col in enumerate(("devices", "count", "ACKs min", "median", "max", "got none", "sent", "errors")):
+        devices.add_column(col, justify="left" if i == 0 else "right", min_width=max(len(r[i]) for r in rows))
+    for row in rows:
+        devices.add_row(*row)
     console.print(devices)
     memory = Table(title="server memory (child process, peak RSS)")
     for col in ("fixed overhead, 0 devices", "batch bound", "bound", "peak RSS", "peak - overhead", "within bound"):
@@ -672,6 +676,10 @@ def print_flood_bench(results: dict, console: Any = None) -> None:
     say(f"  every well-behaved device served: {'yes' if results['every_device_served'] else 'NO: ' + ', '.join(well['got_none'])}"
         f"; server alive to the end: {'yes' if server['alive'] else 'NO'}; drained {server['drained']} batches "
         f"({server['drain_rate']:.0f}/s of {cfg['drain_rate']:g}/s); {server['errors_sent']} ERRORs sent")
+    for name, label in GROUPS:
+        g = results[name]
+        errors = ", ".join(f"{code} {n}" for code, n in g["errors"].items()) or "none"
+        say(f"  {label}: ERRORs by code {errors}; disconnected by the server {g['disconnected']} of {g['devices']}")
     say(f"  peak RSS: VmHWM {mem['vmhwm_mb']:.0f} MB, highest VmRSS sampled every {cfg['sample_every_s']:g} s "
         f"{mem['peak_sampled_rss_mb']:.0f} MB; load average {machine['loadavg_start'][0]:.2f} at the start, "
         f"{machine['loadavg_end'][0]:.2f} at the end")
