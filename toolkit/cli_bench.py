@@ -227,3 +227,25 @@ def flood(
     if out:
         write_results(results, out)
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def fuzz(
+    messages: int = typer.Option(12000, help="Mutated valid messages to send (a third from hypothesis strategies)."),
+    seed: int = typer.Option(0, help="Seed of the random mutators and of hypothesis."),
+    scenarios: bool = typer.Option(True, "--scenarios/--no-scenarios", help="Also run the scripted protocol-state abuses."),
+    out: Optional[Path] = typer.Option(None, "--json", "--out", help="Write the results as JSON."),
+) -> None:
+    """Fuzz the device-server link: mutated messages and protocol abuses against a real receiver on loopback."""
+    from rich.console import Console
+    from rich.markup import escape
+    from sftool.link_fuzz import print_fuzz, run_campaign, write_results
+
+    if messages < 1:
+        raise exit_for(SftoolError("--messages must be >= 1")) from None
+    err = Console(stderr=True, highlight=False)
+    results = run_campaign(messages, seed, log=lambda m: err.print(f"[dim]fuzz:[/] {escape(m)}"), scenarios=scenarios)
+    print_fuzz(results)
+    if out:
+        write_results(results, out)
+        typer.echo(f"wrote {out}")
