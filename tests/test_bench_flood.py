@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import queue
 
+import numpy as np
 import pytest
+import zmq
 from cli_helpers import run_cli
 from sftool.bench_flood import FloodBenchConfig, MemoryBound, memory_bound
-from sftool.runtime.protocol import ErrorCode, MsgType, decode_header
-from sftool.server.receiver import LinkLimits
-from test_link_contract import Device, make_receiver
+from sftool.bench_link import MANIFEST_SHA, LinkBenchConfig, _accepted
+from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
+from sftool.server.receiver import LinkLimits, Receiver
 
 
 def test_bench_flood_tiny_run(tmp_path):
@@ -62,12 +64,33 @@ def test_bench_flood_refuses_a_bad_configuration():
     assert "flooders" in result.output
 
 
-def _replies(dev, expected: int, timeout_ms: int = 2000) -> list:
-    """Up to ``expected`` replies from the server, whatever their types."""
-    got = []
-    while len(got) < expected and dev.sock.poll(timeout_ms):
-        got.append(decode_header(dev.sock.recv_multipart()[0]))
-    return got
+class RawDevice:
+    """A bare DEALER that says HELLO and sends small valid batches with whatever seq it is given."""
+
+    def __init__(self, endpoint: str, name: str = "flood"):
+        self.name = name
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.arrays = batch_arrays(np.ones((2, 4, 8), np.float16), np.ones((2, 4), np.uint8), np.zeros(2), np.arange(2))
+
+    def hello(self) -> None:
+        self.sock.send_multipart(encode(MsgType.HELLO, self.name, manifest_sha256=MANIFEST_SHA, split=1,
+                                        precision="fp32/any", wire_dtype="fp16"))
+        assert self.replies(1)[0].type == MsgType.WELCOME
+
+    def batch(self, seq: int) -> None:
+        self.sock.send_multipart([bytes(f) for f in encode(MsgType.BATCH, self.name, self.arrays, seq=seq, epoch=0)])
+
+    def replies(self, expected: int, timeout_ms: int = 2000) -> list:
+        """Up to ``expected`` replies from the server, whatever their types."""
+        got = []
+        while len(got) < expected and self.sock.poll(timeout_ms):
+            got.append(decode_header(self.sock.recv_multipart()[0], 1 << 20))
+        return got
+
+    def close(self) -> None:
+        self.sock.close(0)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -76,27 +99,31 @@ def _replies(dev, expected: int, timeout_ms: int = 2000) -> list:
     "disconnected: docs/protocol.md section 7 says a connection that sends 16 invalid messages is; with "
     "device keys the count is keyed by the key and the reset by routing id, so there it is never reset"))
 def test_a_flooder_is_disconnected_after_max_strikes_refusals_even_with_batches_accepted_between():
-    receiver, batches = make_receiver(window=1, ack="taken", limits=LinkLimits(max_strikes=3))
+    batches: queue.Queue = queue.Queue(16)
+    receiver = Receiver("tcp://127.0.0.1:0", _accepted(LinkBenchConfig(batch=2, seq_len=4, hidden=8)), batches,
+                        window=1, ack="taken", goodbye_grace_s=0.1, limits=LinkLimits(max_strikes=3))
+    receiver.start()
+    dev = RawDevice(receiver.endpoint)
     try:
-        dev = Device(receiver.endpoint, "flood")
         dev.hello()
         replies, seq = [], 0
         for _ in range(3):  # 6 refused messages in all, 3 allowed
-            dev.send(dev.batch(seq))  # accepted: fills the window of 1 (its ACK waits for the trainer)
-            dev.send(dev.batch(seq + 1))  # beyond the window
-            dev.send(dev.batch(seq + 2))
+            dev.batch(seq)  # accepted: fills the window of 1 (its ACK waits for the trainer)
+            dev.batch(seq + 1)  # beyond the window
+            dev.batch(seq + 2)
             seq += 3
-            replies += _replies(dev, 2)
+            replies += dev.replies(2)
             try:
                 item = batches.get(timeout=1.0)
             except queue.Empty:
                 break  # disconnected: its batches are no longer taken
             receiver.acknowledge(item.batch.device, item.batch.seq)
-            replies += _replies(dev, 1)
+            replies += dev.replies(1)
         refused = [r for r in replies if r.type == MsgType.ERROR]
         assert refused and all(r.fields["code"] == ErrorCode.WINDOW_EXCEEDED for r in refused)
         assert any(r.type == MsgType.BYE and r.fields["reason"].startswith("disconnected") for r in replies)
         assert receiver.snapshot()["flood"].state == "disconnected"
     finally:
+        dev.close()
         receiver.request_stop("test over")
         receiver.join_stopped(5)
