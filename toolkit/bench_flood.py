@@ -193,8 +193,8 @@ def device_plan(cfg: FloodBenchConfig, device: str, arrays: list[tuple[str, np.n
 class _Drainer(threading.Thread):
     """Stands in for the trainer: takes one batch off the queue every 1/rate s and lets it go.
 
-    An idle moment is not banked: after an empty queue the next batch is taken at once, the one
-    after it 1/rate later, so the rate never exceeds ``rate`` over any stretch of the run.
+    An idle moment is not banked: a late take makes up at most one interval, so over any stretch of
+    the run it takes at most one batch more than ``rate`` allows.
     """
 
     def __init__(self, receiver: Any, batches: queue.Queue, rate: float, ack_taken: bool):
@@ -221,10 +221,9 @@ class _Drainer(threading.Thread):
             next_at = max(next_at, time.monotonic() - self.interval) + self.interval
 
 
-def _emit(out: IO[str], lock: threading.Lock, **event: Any) -> None:
-    with lock:
-        out.write(json.dumps(event) + "\n")
-        out.flush()
+def _emit(out: IO[str], **event: Any) -> None:
+    out.write(json.dumps(event) + "\n")
+    out.flush()
 
 
 def serve_child(spec: str) -> None:
@@ -247,16 +246,16 @@ def serve_child(spec: str) -> None:
                         # as `sftool serve --devices N` sets it
                         limits=LinkLimits(max_sessions=max(2 * cfg.devices, cfg.devices + 8)))
     drainer = _Drainer(receiver, batches, cfg.drain_rate, ack_taken=cfg.ack == "taken")
-    lock, stdout = threading.Lock(), sys.stdout
+    stdout = sys.stdout
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), name="bench-stdin", daemon=True).start()
     receiver.start()
     drainer.start()
     started = time.monotonic()
-    _emit(stdout, lock, event="ready", endpoint=receiver.endpoint, pid=os.getpid())
+    _emit(stdout, event="ready", endpoint=receiver.endpoint, pid=os.getpid())
     while not stop.wait(1.0) and time.monotonic() - started < cfg.seconds + CHILD_MAX_EXTRA_S:
         # CLOCK_MONOTONIC is system-wide: the parent places these on its own timeline
-        _emit(stdout, lock, event="progress", t=time.monotonic() - started, mono=time.monotonic(), drained=drainer.taken,
+        _emit(stdout, event="progress", t=time.monotonic() - started, mono=time.monotonic(), drained=drainer.taken,
               pending=receiver.pending, queued=batches.qsize(), sessions=len(receiver.sessions))
     alive = receiver.is_alive()
     receiver.request_stop("bench over")
@@ -265,7 +264,7 @@ def serve_child(spec: str) -> None:
     drainer.join(2.0)
     sessions = {name: {"batches": s.batches, "samples": s.samples, "rejected": s.rejected, "duplicates": s.duplicates,
                        "state": s.state} for name, s in receiver.snapshot().items()}
-    _emit(stdout, lock, event="result", alive=alive, stopped=stopped, drained=drainer.taken,
+    _emit(stdout, event="result", alive=alive, stopped=stopped, drained=drainer.taken,
           seconds=time.monotonic() - started, errors_sent=receiver.errors_sent, bytes_received=receiver.bytes_received,
           sessions=sessions, vmhwm_mb=_status_mb(os.getpid(), "VmHWM"))
     if stopped:
