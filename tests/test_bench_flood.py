@@ -7,7 +7,6 @@ import json
 import queue
 
 import numpy as np
-import pytest
 import zmq
 from cli_helpers import run_cli
 from sftool.bench_flood import FloodBenchConfig, MemoryBound, memory_bound
@@ -93,11 +92,6 @@ class RawDevice:
         self.sock.close(0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "strikes are reset by every accepted batch (Receiver._on_batch pops the routing id's count), so a device "
-    "that floods past its window but gets a batch accepted between every max_strikes - 1 refusals is never "
-    "disconnected: docs/protocol.md section 7 says a connection that sends 16 invalid messages is; with "
-    "device keys the count is keyed by the key and the reset by routing id, so there it is never reset"))
 def test_a_flooder_is_disconnected_after_max_strikes_refusals_even_with_batches_accepted_between():
     batches: queue.Queue = queue.Queue(16)
     receiver = Receiver("tcp://127.0.0.1:0", _accepted(LinkBenchConfig(batch=2, seq_len=4, hidden=8)), batches,
