@@ -74,7 +74,8 @@ class FuzzConfig:
     #: Large for the campaign (one device sends thousands of invalid messages); small in the scenarios.
     max_strikes: int = 1_000_000_000
     max_samples: int = 10_000_000
-    reply_timeout_s: float = 1.0
+    #: Long enough for a loaded machine: a reply that comes later is counted as stray, and its message as unanswered.
+    reply_timeout_s: float = 3.0
 
     @property
     def largest_array_frame(self) -> int:
@@ -156,7 +157,8 @@ FIELD_RULES: dict[str, dict[str, tuple[bool, Callable[[Any], bool]]]] = {
 
 def read_header(raw: bytes, limit: int = HEADER_LIMIT) -> tuple[dict | None, str]:
     """Frame 0 as the spec allows it: one msgpack map, string keys, no bin or ext, within ``limit``.
-    Returns (header, "") or (None, what is wrong)."""
+    Returns (header, "") if it is one; (None, what is wrong) if it is no map at all; (header, what is
+    wrong) for a map holding what the spec forbids (its fields can still be checked)."""
     if len(raw) > limit:
         return None, f"header of {len(raw)} bytes"
     try:
@@ -165,8 +167,7 @@ def read_header(raw: bytes, limit: int = HEADER_LIMIT) -> tuple[dict | None, str
         return None, f"not msgpack ({type(exc).__name__})"
     if not isinstance(header, dict):
         return None, "not a map"
-    foreign = _foreign(header)
-    return (None, foreign) if foreign else (header, "")
+    return header, _foreign(header)
 
 
 def _foreign(obj: Any) -> str:
@@ -209,7 +210,7 @@ def parse_reply(frames: list[bytes]) -> Reply:
     if header is None:
         return Reply("?", {}, [f"server header: {wrong}"])
     msg_type = header.get("type")
-    problems = []
+    problems = [f"server header: {wrong}"] if wrong else []
     if not _int_ok(header.get("v"), 1, 1):
         problems.append("v is not 1")
     if header.get("device") != "server":
@@ -308,6 +309,8 @@ def expect(frames: list[bytes], sender: bytes, model: LinkModel) -> Expect:
     header, wrong = read_header(frames[0])
     if header is None:
         return _verdict([*found, _violation(("BAD_HEADER",), "header", wrong)], {})
+    if wrong:
+        found.append(_violation(("BAD_HEADER",), "header", wrong))
     msg_type, device, envelope = _envelope(header)
     found += envelope
     if msg_type is None or device is None:
@@ -544,15 +547,17 @@ def _serve(cfg: FuzzConfig) -> None:
                         limits=LinkLimits(max_sessions=cfg.max_sessions, max_strikes=cfg.max_strikes,
                                           max_samples_per_device=cfg.max_samples))
     receiver.start()
-    state = {"reports": [], "paused": threading.Event(), "stop": threading.Event(), "baseline": _rss_bytes(),
+    state = {"reports": [], "paused": threading.Event(), "idle": threading.Event(), "stop": threading.Event(), "baseline": _rss_bytes(),
              "peak": _rss_bytes(), "pending_max": 0, "queued": 0, "held_max": {}}
     lock = threading.Lock()
 
     def consume() -> None:
         while not state["stop"].is_set():
             if state["paused"].is_set():
+                state["idle"].set()
                 time.sleep(0.01)
                 continue
+            state["idle"].clear()
             try:
                 item = batches.get(timeout=0.05)
             except queue.Empty:
@@ -598,8 +603,12 @@ def _serve(cfg: FuzzConfig) -> None:
             state["baseline"] = state["peak"] = _rss_bytes()
             state["pending_max"] = 0
             _answer(stats())
-        elif cmd in ("pause", "resume"):
-            (state["paused"].set if cmd == "pause" else state["paused"].clear)()
+        elif cmd == "pause":
+            state["paused"].set()
+            # Answer once the consumer is idle: a batch it was taking as the pause came is out of the queue by then.
+            _answer({"ok": state["idle"].wait(5.0)})
+        elif cmd == "resume":
+            state["paused"].clear()
             _answer({"ok": True})
         elif cmd == "stop":
             final = stats()
@@ -800,7 +809,9 @@ class Runner:
         exp = exp or expect(frames, dealer.identity, self.model)
         self.stray += len(dealer.replies(0.0))
         dealer.send(frames)
-        wait = 0.3 if exp.silent or exp.held else self.cfg.reply_timeout_s
+        # Wait the full time unless no reply is the only right answer (a disconnected connection) or a
+        # withheld credit is: a reply that comes after the wait would be taken for the next message's.
+        wait = 0.3 if (exp.silent and not exp.codes) or exp.held else self.cfg.reply_timeout_s
         replies = [parse_reply(r) for r in dealer.replies(wait, more_s)]
         verdict, detail = judge(exp, replies)
         outcome = Outcome(cls, exp, replies, verdict, detail)
@@ -1217,7 +1228,7 @@ def m_encoding(draft: Draft, c: Ctx) -> list[bytes]:
         header["ext"] = msgpack.ExtType(c.rng.randint(0, 127), b"\x00" * c.rng.choice([1, 4, 8]))
         frames[0] = msgpack.packb(header)
     elif how == "timestamp":
-        frames[0] = _map_header(len(header) + 1) + _map_count(msgpack.packb(header))[1] + msgpack.packb("t") + b"\xd6\xff\x00\x00\x00\x01"
+        frames[0] = _with_raw_field(header, "t", b"\xd6\xff\x00\x00\x00\x01")
     elif how == "trailing":
         frames[0] = frames[0] + c.rng.choice([b"\x00", b"\xc0", msgpack.packb({"v": 1})])
     elif how == "utf8":
@@ -1225,9 +1236,9 @@ def m_encoding(draft: Draft, c: Ctx) -> list[bytes]:
         frames[0] = msgpack.packb({**header, key: b"\xff\xfe" + header[key].encode()}, use_bin_type=False)
     elif how in ("big", "at-limit"):
         frames[0] = _padded(header, HEADER_LIMIT + (1 if how == "big" else 0))
-    elif how == "deep":
-        header["deep"] = _nested(c.rng.choice([50, 600, 5000]))
-        frames[0] = msgpack.packb(header)
+    elif how == "deep":  # written by hand: msgpack's packer refuses to nest this deep itself
+        depth = c.rng.choice([50, 600, 5000])
+        frames[0] = _with_raw_field(header, "deep", b"\x91" * depth + b"\xc0")
     else:
         frames[0] = bytes([0xC1]) + frames[0][1:]  # 0xc1 is never used by msgpack
     return frames
@@ -1244,11 +1255,9 @@ def _padded(header: dict, size: int) -> bytes:
     return packed
 
 
-def _nested(depth: int) -> list:
-    out: list = []
-    for _ in range(depth):
-        out = [out]
-    return out
+def _with_raw_field(header: dict, key: str, raw_value: bytes) -> bytes:
+    """``header`` packed with one more entry whose value is the msgpack bytes ``raw_value``."""
+    return _map_header(len(header) + 1) + _map_count(msgpack.packb(header))[1] + msgpack.packb(key) + raw_value
 
 
 def _hidden_mut(draft: Draft, value: float, dtype: str | None = None, pad: bool = False) -> None:
@@ -1688,7 +1697,7 @@ def _ignore_errors(r: Runner) -> list[Observation]:
         ids = draft.array("sample_ids")
         ids[1] = ids[0]
         draft.set_array("sample_ids", ids)
-        out = r.step("state:ignore-errors", stubborn, draft.frames(), more_s=0.2 if seq == r.cfg.max_strikes - 1 else 0.0)
+        out = r.step("state:ignore-errors", stubborn, draft.frames(), more_s=0.5 if seq == r.cfg.max_strikes - 1 else 0.0)
         replies += out.replies
     bye = [x for x in replies if x.type == "BYE"]
     disconnected = bool(bye) and str(bye[0].fields.get("reason", "")).startswith("disconnected:")
@@ -1799,21 +1808,33 @@ SCENARIOS: dict[str, tuple[dict, tuple[Callable[[Runner], list[Observation]], ..
 }
 
 
-def run_scenarios(ctx: Any, log: Callable[[str], None], churn: int = 300) -> tuple[list[Runner], list[Observation], list[dict]]:
-    """Every scripted abuse case, each group on a fresh server with its limits; ``churn``: HELLO/BYE
-    cycles of the session-cap scenario (and a fifth as many disconnected connections)."""
+def run_scenarios(ctx: Any, log: Callable[[str], None], churn: int = 300,
+                  main: Runner | None = None) -> tuple[list[Runner], list[Observation], list[dict]]:
+    """Every scripted abuse case, each group on a server with its limits (the group with the default
+    limits on ``main``'s, if given); ``churn``: HELLO/BYE cycles of the session-cap scenario (and a
+    fifth as many disconnected connections)."""
     runners, observations, finals = [], [], []
     for group, (overrides, scenarios) in SCENARIOS.items():
+        if main is not None and not overrides:
+            observations += _run_group(main, scenarios, churn)
+            log(f"scenarios '{group}' on the campaign's server")
+            continue
         with FuzzServer(replace(FuzzConfig(), **overrides)) as server:
             r = Runner(server, ctx)
-            for scenario in scenarios:
-                observations += scenario(r, churn) if scenario is scenario_limits else scenario(r)
-            r.settle()
+            observations += _run_group(r, scenarios, churn)
             finals.append({"group": group, **server.close()})
             r.close()
         runners.append(r)
         log(f"scenarios '{group}': {sum(row.sent for row in r.rows.values())} messages")
     return runners, observations, finals
+
+
+def _run_group(r: Runner, scenarios: tuple, churn: int) -> list[Observation]:
+    found: list[Observation] = []
+    for scenario in scenarios:
+        found += scenario(r, churn) if scenario is scenario_limits else scenario(r)
+    r.settle()
+    return found
 
 
 def run_campaign(n_messages: int = 12000, seed: int = 0, log: Callable[[str], None] | None = None,
@@ -1857,13 +1878,13 @@ def run_campaign(n_messages: int = 12000, seed: int = 0, log: Callable[[str], No
         random_phase(r, fleet, n_messages - n_hyp, rng, progress)
         got = hypothesis_phase(r, fleet, n_hyp, seed, rng, progress) if n_hyp else 0
         random_phase(r, fleet, n_hyp - got, rng, progress)  # hypothesis may stop short of max_examples
-        main_stats = r.settle()
+        fuzz_stats = r.settle()  # memory is what the server held while fuzzing, before the scenarios
+        runners, observations, finals = run_scenarios(ctx, log, churn, main=r) if scenarios else ([], [], [])
         final = server.close()
         r.close()
-    runners, observations, finals = run_scenarios(ctx, log, churn) if scenarios else ([], [], [])
     ctx.term()
     marked["rss_start"] = start["rss_baseline"]
-    return summarize(cfg, r, runners, observations, marked, main_stats, final, finals, seed, time.monotonic() - started)
+    return summarize(cfg, r, runners, observations, marked, fuzz_stats, final, finals, seed, time.monotonic() - started)
 
 
 def memory_bound(cfg: FuzzConfig, sessions: int, pending: int) -> int:
@@ -1872,8 +1893,9 @@ def memory_bound(cfg: FuzzConfig, sessions: int, pending: int) -> int:
 
 
 def summarize(cfg: FuzzConfig, main: Runner, runners: list[Runner], observations: list[Observation], marked: dict,
-              main_stats: dict, final: dict, finals: list[dict], seed: int, seconds: float) -> dict:
-    """The campaign's results as plain data (what ``sftool bench fuzz`` prints and writes)."""
+              fuzzed_stats: dict, final: dict, finals: list[dict], seed: int, seconds: float) -> dict:
+    """The campaign's results as plain data (what ``sftool bench fuzz`` prints and writes); memory
+    from ``fuzzed_stats`` (the campaign's server after the fuzzing), crashes from every server's last stats."""
     from sftool.runtime.files import cpu_name
 
     all_runners = [main, *runners]
@@ -1888,8 +1910,9 @@ def summarize(cfg: FuzzConfig, main: Runner, runners: list[Runner], observations
     for row in rows.values():
         row["errors"] = dict(row["errors"].most_common())
     fuzzed = sum(row["sent"] for cls, row in rows.items() if not cls.startswith(("state:", "control")))
-    bound = memory_bound(cfg, final.get("sessions", 0), final.get("pending_max", 0))
-    growth = final.get("rss_peak", 0) - marked["rss_baseline"]
+    mem = fuzzed_stats
+    bound = memory_bound(cfg, mem["sessions"], mem["pending_max"])
+    growth = mem["rss_peak"] - marked["rss_baseline"]
     finals_all = [{"group": "campaign", **final}, *finals]
     crashes = {
         "internal_replies": sum(x.internal for x in all_runners),
@@ -1914,12 +1937,10 @@ def summarize(cfg: FuzzConfig, main: Runner, runners: list[Runner], observations
             "bad_replies": sum(len(x.bad_replies) for x in all_runners),
             "stray_replies": sum(x.stray for x in all_runners),
         },
-        "memory": {"rss_start": marked.get("rss_start", marked["rss_baseline"]), "rss_baseline": marked["rss_baseline"],
-                   "rss_peak": final.get("rss_peak", 0), "growth": growth,
-                   "growth_from_start": final.get("rss_peak", 0) - marked.get("rss_start", marked["rss_baseline"]),
-                   "bound": bound, "within": growth <= bound, "sessions": final.get("sessions", 0),
-                   "pending_max": final.get("pending_max", 0), "seen_seqs": final.get("seen", 0),
-                   "queued": final.get("queued", 0)},
+        "memory": {"rss_start": marked["rss_start"], "rss_baseline": marked["rss_baseline"], "rss_peak": mem["rss_peak"],
+                   "growth": growth, "growth_from_start": mem["rss_peak"] - marked["rss_start"], "bound": bound,
+                   "within": growth <= bound, "sessions": mem["sessions"], "pending_max": mem["pending_max"],
+                   "seen_seqs": mem["seen"], "queued": mem["queued"]},
         "observations": [asdict(o) for o in observations],
         "mismatches": [m for x in all_runners for m in x.mismatches][:200],
         "bad_replies": _grouped([b for x in all_runners for b in x.bad_replies]),
