@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -25,9 +26,23 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+#: Every child started by ``spawn``; any still running when the test session ends is killed (a device
+#: retries until stopped, so one whose test failed before its server came up would live on).
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def _kill_leftovers() -> None:
+    for proc in _SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+
+
+atexit.register(_kill_leftovers)
+
+
 def spawn(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """`sftool ARGS...` as a child process with captured output."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*SFTOOL, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -36,6 +51,8 @@ def spawn(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
         preexec_fn=_default_sigint,
         **kwargs,
     )
+    _SPAWNED.append(proc)
+    return proc
 
 
 def torch_blocked_env(tmp_path: Path) -> dict[str, str]:
