@@ -772,12 +772,19 @@ class Row:
 #: Words an ERROR's reason may use for what a violation names.
 _SYNONYMS = {"version": ("version",), "attention_mask": ("attention_mask", "real token"), "frames": ("frame", "bytes"),
              "header": ("header", "msgpack", "map"), "HELLO": ("hello",), "devices": ("devices",),
-             "samples": ("samples",), "manifest": ("manifest", "split"), "disconnected": ("disconnected",)}
+             "samples": ("samples",), "manifest": ("manifest", "split"), "disconnected": ("disconnected",),
+             "type": ("type", "may not send"), "hidden": ("hidden", "batch size", "sequence length"),
+             "window": ("window",)}
 
 
 def _names_target(reply: Reply, exp: Expect) -> bool:
     reason = str(reply.fields.get("reason", "")).lower()
     return any(word.lower() in reason for target in exp.targets for word in _SYNONYMS.get(target, (target,)))
+
+
+def _disconnects(reply: Reply) -> bool:
+    """Is this the server's BYE that ends a connection for its invalid messages?"""
+    return reply.type == "BYE" and str(reply.fields.get("reason", "")).startswith("disconnected:")
 
 
 class Runner:
@@ -806,15 +813,27 @@ class Runner:
     def step(self, cls: str, dealer: Dealer, frames: list[bytes], exp: Expect | None = None,
              more_s: float = 0.0) -> Outcome:
         """Send one message, judge its reply and record it under ``cls``."""
+        for late in map(parse_reply, dealer.replies(0.0)):
+            if _disconnects(late):  # the disconnecting BYE that followed the previous message's ERROR
+                self._banned(dealer)
+            else:
+                self.stray += 1
         exp = exp or expect(frames, dealer.identity, self.model)
-        self.stray += len(dealer.replies(0.0))
         dealer.send(frames)
         # Wait the full time unless no reply is the only right answer (a disconnected connection) or a
         # withheld credit is: a reply that comes after the wait would be taken for the next message's.
         wait = 0.3 if (exp.silent and not exp.codes) or exp.held else self.cfg.reply_timeout_s
-        replies = [parse_reply(r) for r in dealer.replies(wait, more_s)]
-        verdict, detail = judge(exp, replies)
-        outcome = Outcome(cls, exp, replies, verdict, detail)
+        return self.record(cls, dealer, frames, exp, [parse_reply(r) for r in dealer.replies(wait, more_s)])
+
+    def record(self, cls: str, dealer: Dealer, frames: list[bytes], exp: Expect, replies: list[Reply]) -> Outcome:
+        """Judge the replies one message got and count it under ``cls``. A disconnecting BYE is no reply
+        to a message but follows the ERROR of the one that used up the strikes; alone, it came late
+        for the previous message, and this one was read on a disconnected connection."""
+        answers = [x for x in replies if not _disconnects(x)]
+        if len(answers) < len(replies) and not answers:
+            self._banned(dealer)
+            exp = expect(frames, dealer.identity, self.model)
+        outcome = Outcome(cls, exp, answers + [x for x in replies if _disconnects(x)], *judge(exp, answers))
         self._after(dealer, frames, outcome)
         self.rows.setdefault(cls, Row()).add(outcome)
         return outcome
@@ -824,7 +843,7 @@ class Runner:
             if reply.problems:
                 self.bad_replies.append({"class": outcome.cls, "reply": reply.type, "problems": reply.problems})
             self.internal += reply.code == CODE["INTERNAL"]
-            if reply.type == "BYE" and str(reply.fields.get("reason", "")).startswith("disconnected:"):
+            if _disconnects(reply):
                 self._banned(dealer)
         if not outcome.ok:
             self.mismatches.append({"class": outcome.cls, "verdict": outcome.verdict, "detail": outcome.detail,
@@ -1633,11 +1652,14 @@ def scenario_window(r: Runner) -> list[Observation]:
     r.step("state:window", dev, _batch(r, dev, 0))
     for seq in (1, 2):
         r.step("state:window", dev, _batch(r, dev, seq), replace(expect(_batch(r, dev, seq), dev.identity, r.model), held=True))
-    over = Expect(codes=frozenset({CODE["WINDOW_EXCEEDED"]}), why="window overrun")
+    over = Expect(codes=frozenset({CODE["WINDOW_EXCEEDED"]}), why="window overrun", targets=("window",))
     r.step("state:window", dev, _batch(r, dev, 3), over)
-    for seq in range(4, 44):  # a burst, sent without waiting
-        dev.send(_batch(r, dev, seq))
-    burst = [parse_reply(f) for f in dev.replies(2.0, 0.3)]
+    sent = [_batch(r, dev, seq) for seq in range(4, 44)]
+    for frames in sent:  # a burst, sent without waiting
+        dev.send(frames)
+    burst = [parse_reply(f) for f in dev.replies(r.cfg.reply_timeout_s, 0.5)]
+    for i, frames in enumerate(sent):
+        r.record("state:window", dev, frames, over, burst[i:i + 1])
     codes = Counter(CODE_NAMES.get(x.code, x.type) for x in burst)
     stats = r.server.call("stats")
     r.server.call("resume")
@@ -1717,8 +1739,10 @@ def _ignore_errors(r: Runner) -> list[Observation]:
         Observation("then ignored; a HELLO from a new connection for that device is REFUSED",
                     all(o.first is None for o in after) and refused.ok,
                     f"after: {[first_kind(o) for o in after]}; new connection: {first_kind(refused)}"),
-        Observation(f"{2 * (r.cfg.max_strikes - 1)} invalid messages with a valid batch between them", None,
-                    f"still connected: its next batch got {first_kind(kept)} (strikes reset on an accepted batch)"),
+        Observation(f"{2 * (r.cfg.max_strikes - 1)} invalid messages with a valid batch among them count as "
+                    f"{2 * (r.cfg.max_strikes - 1)} (docs/protocol.md section 7: '16 invalid messages')",
+                    kept.first is None, f"its next batch got {first_kind(kept)}"
+                    + (" (disconnected)" if kept.first is None else " (still connected: an accepted batch reset its strikes)")),
     ]
 
 
@@ -1765,20 +1789,24 @@ def start_fleet(r: Runner, count: int) -> list[Fleet]:
     return fleet
 
 
-def random_phase(r: Runner, fleet: list[Fleet], n: int, rng: random.Random, progress: Callable[[], None]) -> None:
+def random_phase(r: Runner, fleet: list[Fleet], n: int, rng: random.Random, progress: Callable[[], bool]) -> None:
+    """``n`` messages from the seeded random mutators, until ``progress`` says stop."""
     for _ in range(n):
         send_mutation(r, fleet, *_mutate(r, fleet, rng))
-        progress()
+        if not progress():
+            return
 
 
 def hypothesis_phase(r: Runner, fleet: list[Fleet], n: int, seed: int, rng: random.Random,
-                     progress: Callable[[], None]) -> int:
-    """``n`` messages mutated by hypothesis strategies (generation only: nothing to shrink)."""
+                     progress: Callable[[], bool]) -> int:
+    """``n`` messages mutated by hypothesis strategies (generation only: nothing to shrink), until
+    ``progress`` says stop."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hyp_seed
     from hypothesis import strategies as st
 
     sent = [0]
+    stopped: list[bool] = []
     kinds = st.sampled_from([kind for kind, weight in KIND_WEIGHTS.items() for _ in range(weight)])
 
     @hyp_seed(seed)
@@ -1786,6 +1814,8 @@ def hypothesis_phase(r: Runner, fleet: list[Fleet], n: int, seed: int, rng: rand
               suppress_health_check=list(HealthCheck), derandomize=False)
     @given(st.data())
     def one(data: Any) -> None:
+        if stopped:
+            return
         # Everything a strategy depends on is drawn from hypothesis too, so its choices replay.
         kind = data.draw(kinds)
         dev = fleet[data.draw(st.integers(0, len(fleet) - 1))]
@@ -1794,7 +1824,8 @@ def hypothesis_phase(r: Runner, fleet: list[Fleet], n: int, seed: int, rng: rand
         frames = mutate(draft, Ctx(rng, r.cfg, dev, [f.name for f in fleet if f is not dev]))
         send_mutation(r, fleet, cls, dev, frames)
         sent[0] += 1
-        progress()
+        if not progress():
+            stopped.append(True)
 
     one()
     return sent[0]
@@ -1862,29 +1893,42 @@ def run_campaign(n_messages: int = 12000, seed: int = 0, log: Callable[[str], No
         warmup = min(500, n_messages // 20)
         done = [0]
 
-        def progress() -> None:
+        halted: list[str] = []
+
+        def progress() -> bool:
+            """Count a message; False once the receiver thread is found dead (every later message would
+            wait out its reply timeout for nothing)."""
             done[0] += 1
             if done[0] == warmup:
                 marked.update(server.call("mark"))
             if done[0] % 200 == 0:
                 r.collect_reports()
+                if not server.call("stats")["alive"]:
+                    halted.append(f"receiver thread dead after {done[0]} messages")
+                    log(halted[-1])
+                    return False
             if done[0] % max(1, n_messages // 10) == 0:
                 stats = server.call("stats")
                 log(f"{done[0]}/{n_messages} messages, {r.internal} INTERNAL, {len(r.queue_problems)} bad batches queued, "
                     f"{len(r.mismatches)} off-spec, RSS +{(stats['rss_peak'] - stats['rss_baseline']) / 1e6:.2f} MB, "
                     f"{time.monotonic() - started:.0f} s")
+            return True
 
         n_hyp = int(n_messages * hypothesis_share)
         random_phase(r, fleet, n_messages - n_hyp, rng, progress)
-        got = hypothesis_phase(r, fleet, n_hyp, seed, rng, progress) if n_hyp else 0
-        random_phase(r, fleet, n_hyp - got, rng, progress)  # hypothesis may stop short of max_examples
+        got = hypothesis_phase(r, fleet, n_hyp, seed, rng, progress) if n_hyp and not halted else 0
+        if not halted:
+            random_phase(r, fleet, n_hyp - got, rng, progress)  # hypothesis may stop short of max_examples
         fuzz_stats = r.settle()  # memory is what the server held while fuzzing, before the scenarios
-        runners, observations, finals = run_scenarios(ctx, log, churn, main=r) if scenarios else ([], [], [])
+        runners, observations, finals = (run_scenarios(ctx, log, churn, main=None if halted else r) if scenarios
+                                         else ([], [], []))
         final = server.close()
         r.close()
     ctx.term()
     marked["rss_start"] = start["rss_baseline"]
-    return summarize(cfg, r, runners, observations, marked, fuzz_stats, final, finals, seed, time.monotonic() - started)
+    results = summarize(cfg, r, runners, observations, marked, fuzz_stats, final, finals, seed, time.monotonic() - started)
+    results["halted"] = halted
+    return results
 
 
 def memory_bound(cfg: FuzzConfig, sessions: int, pending: int) -> int:
@@ -1994,6 +2038,7 @@ def summary_lines(results: dict) -> list[str]:
         f"{results['config']['largest_message']} B): {'within' if m['within'] else 'BEYOND'}; "
         f"{m['seen_seqs']} seqs held for dedupe",
         f"time: {results['seconds']:.0f} s",
+        *(f"HALTED: {why}" for why in results.get("halted", [])),
     ]
     for obs in results["observations"]:
         mark = {True: "ok", False: "FAIL", None: "note"}[obs["ok"]]
