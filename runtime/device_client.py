@@ -26,6 +26,10 @@ from sftool.runtime.protocol import (
 )
 from zmq.utils.monitor import recv_monitor_message
 
+# Plain ints: pyzmq's flag enums cost an IntFlag operation per use.
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
 
 @dataclass
 class ClientConfig:
@@ -281,7 +285,14 @@ class DeviceClient:
 
     def _recv(self, timeout_s: float):
         assert self.sock is not None
-        if not self.sock.poll(int(timeout_s * 1000)):
+        # Without a wait, the socket's EVENTS tells whether a message is here, and the GIL is kept (a
+        # poll lets another thread take it); with one, zmq_poll on this socket alone (Socket.poll
+        # builds a Poller per call).
+        wait_ms = int(timeout_s * 1000)
+        if wait_ms <= 0:
+            if not self.sock.getsockopt(_EVENTS) & _POLLIN:
+                return None, []
+        elif not zmq.zmq_poll([(self.sock, _POLLIN)], wait_ms):
             return None, []
         frames = self.sock.recv_multipart(copy=True)
         try:

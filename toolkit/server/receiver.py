@@ -47,6 +47,17 @@ GOODBYE_GRACE_S = 2.0
 log = logging.getLogger("sftool.server")
 SERVER_ID = "server"
 
+#: Messages handled in a row before the housekeeping (queue flush, trainer ACKs, held credits) runs.
+BURST = 64
+#: How often silent devices are looked for: a timeout found this much late is harmless, and the scan
+#: over every session is not worth doing after each message.
+TIMEOUT_CHECK_S = 0.1
+# Plain ints: pyzmq's flag enums cost an IntFlag operation per frame.
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
 
 #: When a batch is acknowledged (see ``Receiver.ack``).
 ACK_POLICIES = ("queued", "taken", "trained")
@@ -189,6 +200,13 @@ class Receiver(threading.Thread):
         self._flags: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._stop_reason: str | None = None
         self._header_bytes = 0
+        self._next_timeout_check = 0.0
+        self._handlers: dict[MsgType, Callable[[bytes, Header, list], None]] = {
+            MsgType.HELLO: self._on_hello,
+            MsgType.BATCH: self._on_batch,
+            MsgType.HEARTBEAT: self._on_heartbeat,
+            MsgType.BYE: self._on_bye,
+        }
         #: Trained seqs of a device (set by the trainer), sent in WELCOME so a device that comes
         #: back to a restarted server sends only what still needs training.
         self.done_seqs_for: Callable[[str], list[list[int]]] = lambda device: []
@@ -225,6 +243,8 @@ class Receiver(threading.Thread):
 
             raise SftoolError(f"cannot bind {bind}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # zmq_poll on a prepared list: Socket.poll builds a Poller for every call.
+        self._poll_items = [(self.sock, _POLLIN)]
 
     # -- API for the trainer thread ---------------------------------------------------------
     def acknowledge(self, device: str, seq: int) -> None:
@@ -253,19 +273,9 @@ class Receiver(threading.Thread):
     def run(self) -> None:
         try:
             while self._stop_reason is None:
-                if self.sock.poll(self._poll_ms):
-                    # Handle a burst before housekeeping, but yield regularly.
-                    for _ in range(64):
-                        try:
-                            frames, oversized = self._recv_bounded()
-                        except zmq.Again:
-                            break
-                        self._on_message(frames, oversized)
-                self._flush_pending()
-                self._take_flags()
-                self._send_trained_acks()
-                self._release_held()
-                self._check_timeouts()
+                if zmq.zmq_poll(self._poll_items, self._poll_ms):
+                    self._handle_burst()
+                self._housekeeping()
             self._await_goodbyes(self._say_goodbye(self._stop_reason))
         finally:
             self.sock.close(linger=500)
@@ -275,16 +285,42 @@ class Receiver(threading.Thread):
         """Wait until the thread has closed its socket; False if ``timeout`` passed first."""
         return self._stopped.wait(timeout)
 
+    def _handle_burst(self) -> None:
+        """Handle up to BURST waiting messages, then let the housekeeping run."""
+        for _ in range(BURST):
+            try:
+                frames, oversized = self._recv_bounded()
+            except zmq.Again:
+                return
+            self._on_message(frames, oversized)
+            # Is another message waiting? The socket's EVENTS says so without the exception a failing
+            # non-blocking recv raises (several times the cost).
+            if not self.sock.getsockopt(_EVENTS) & _POLLIN:
+                return
+
+    def _housekeeping(self) -> None:
+        """Between bursts: queue what waits for space, send the ACKs the trainer released, release held
+        credits and, now and then, count silent devices as gone."""
+        self._flush_pending()
+        self._take_flags()
+        self._send_trained_acks()
+        self._release_held()
+        now = time.monotonic()
+        if now >= self._next_timeout_check:
+            self._next_timeout_check = now + TIMEOUT_CHECK_S
+            self._check_timeouts()
+
     # -- message handling -------------------------------------------------------------------
     def _recv_bounded(self) -> tuple[list[zmq.Frame], bool]:
         """One message, frame by frame: frames past the most a valid message has, or past its byte
         budget, are read and let go at once, never held together. True when it had too many."""
-        frames = [self.sock.recv(zmq.NOBLOCK, copy=False)]
+        recv = self.sock.recv
+        frames = [recv(_NOBLOCK, copy=False)]
         total, oversized, more = 0, False, frames[0].more
         while more:  # the rest of a message is already here: libzmq delivers whole messages
-            frame = self.sock.recv(copy=False)
+            frame = recv(copy=False)
             more = frame.more
-            total += len(frame.buffer)
+            total += len(frame)
             if oversized or len(frames) > MAX_BATCH_FRAMES or total > self._max_message_bytes:
                 oversized = True
                 continue
@@ -292,7 +328,13 @@ class Receiver(threading.Thread):
         return frames, oversized
 
     def _send(self, routing_id: bytes, msg_type: MsgType, **fields: Any) -> None:
-        self.sock.send_multipart([routing_id, *encode(msg_type, SERVER_ID, **fields)])
+        # Frame by frame with int flags: send_multipart's per-frame checks cost more than the sends.
+        *head, last = encode(msg_type, SERVER_ID, **fields)
+        send = self.sock.send
+        send(routing_id, _SNDMORE)
+        for frame in head:
+            send(frame, _SNDMORE)
+        send(last)
 
     def _error(self, routing_id: bytes, code: ErrorCode, reason: str, seq: int | None = None) -> None:
         self.errors_sent += 1
@@ -323,16 +365,11 @@ class Receiver(threading.Thread):
             return self._refuse(routing_id, ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
                 f"message exceeds {MAX_BATCH_FRAMES} frames or {self._max_message_bytes} bytes: dropped unread"), offender)
-        self._header_bytes = len(frames[1].buffer)
+        self._header_bytes = len(frames[1])
         try:
             header = decode_header(frames[1].buffer)
             self._check_key(frames[1], header, routing_id)
-            handler = {
-                MsgType.HELLO: self._on_hello,
-                MsgType.BATCH: self._on_batch,
-                MsgType.HEARTBEAT: self._on_heartbeat,
-                MsgType.BYE: self._on_bye,
-            }.get(header.type)
+            handler = self._handlers.get(header.type)
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"a device may not send {header.type.value}")
             handler(routing_id, header, frames[2:])
@@ -374,11 +411,8 @@ class Receiver(threading.Thread):
         self._flags.put((device, why))
 
     def _take_flags(self) -> None:
-        while True:
-            try:
-                device, why = self._flags.get_nowait()
-            except queue.Empty:
-                return
+        while not self._flags.empty():  # this thread is the only reader: not empty means a get succeeds
+            device, why = self._flags.get_nowait()
             session = self.sessions.get(device)
             if session is not None and not session.banned:
                 offender = (self.device_keys or {}).get(device, "").encode() if self.device_keys is not None else session.routing_id
@@ -468,7 +502,7 @@ class Receiver(threading.Thread):
         assert session.schema is not None
         buffers = [f.buffer for f in frames]
         batch = decode_batch(header, buffers, session.schema)
-        nbytes = sum(len(b) for b in buffers) + self._header_bytes
+        nbytes = sum(map(len, frames)) + self._header_bytes
         if batch.seq in session.seen:
             # A resend after a reconnect: never train it twice; re-ACK unless its ACK is still due.
             session.duplicates += 1
@@ -522,11 +556,8 @@ class Receiver(threading.Thread):
                 self._ack(item.batch.device, item.batch.seq)
 
     def _send_trained_acks(self) -> None:
-        while True:
-            try:
-                device, seq = self._trained.get_nowait()
-            except queue.Empty:
-                return
+        while not self._trained.empty():  # this thread is the only reader
+            device, seq = self._trained.get_nowait()
             self._ack(device, seq)
 
     def _ack(self, device: str, seq: int) -> None:
@@ -563,6 +594,8 @@ class Receiver(threading.Thread):
         return bool(others) and mine > min(others) + PACE_SLACK
 
     def _release_held(self) -> None:
+        if not self._held:
+            return
         now = time.monotonic()
         for device in list(self._held):
             session = self.sessions[device]
