@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import select
 import subprocess
 import sys
@@ -302,7 +303,7 @@ def expect(frames: list[bytes], sender: bytes, model: LinkModel) -> Expect:
     if any(len(f) > cfg.largest_frame for f in frames):
         # Section 1: the transport drops the connection; a server may also refuse it.
         return Expect(codes=frozenset({CODE["LIMIT_EXCEEDED"], CODE["BAD_HEADER"], CODE["BAD_ARRAY"]}), silent=True,
-                      why="frame beyond the largest valid frame", targets=("frame",))
+                      why="frame beyond the largest valid frame", targets=("frame", "header"))
     found: list[tuple[frozenset[int], str, str]] = []
     if len(frames) > 5 or sum(len(f) for f in frames) > cfg.largest_message:
         found.append(_violation(("LIMIT_EXCEEDED", "BAD_ARRAY", "BAD_HEADER"), "frames", "frames or bytes beyond a valid batch"))
@@ -1961,9 +1962,11 @@ def summarize(cfg: FuzzConfig, main: Runner, runners: list[Runner], observations
     crashes = {
         "internal_replies": sum(x.internal for x in all_runners),
         "receiver_dead": sum(not f.get("alive", False) for f in finals_all),
+        # A cross-check, not counted again: the receiver logs each exception it answers with INTERNAL.
         "logged_errors": sum(f.get("logged", {}).get("ERROR", 0) + f.get("logged", {}).get("CRITICAL", 0) for f in finals_all),
     }
-    verdicts = Counter(m["verdict"] for x in all_runners for m in x.mismatches)
+    mismatches = [m for x in all_runners for m in x.mismatches]
+    verdicts = Counter(m["verdict"] for m in mismatches)
     return {
         "config": {**asdict(cfg), "seed": seed, "largest_message": cfg.largest_message},
         "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg": list(os.getloadavg())},
@@ -1971,13 +1974,14 @@ def summarize(cfg: FuzzConfig, main: Runner, runners: list[Runner], observations
                      "control": rows.get("control", {}).get("sent", 0)},
         "classes": rows,
         "totals": {
-            "crashes": crashes, "crash_count": sum(crashes.values()),
+            "crashes": crashes, "crash_count": crashes["internal_replies"] + crashes["receiver_dead"],
             "invalid_trained": sum(len(x.queue_problems) for x in all_runners),
             "queued_checked": sum(x.queued_ok for x in all_runners) + sum(len(x.queue_problems) for x in all_runners),
             "queued_malformed": sum(x.queued_despite for x in all_runners),
             "acked_never_queued": sum(len(x.queued) for x in all_runners),
             "no_reply": verdicts.get("no-reply", 0),
             "off_spec": dict(verdicts),
+            "off_spec_kinds": _kinds(mismatches),
             "bad_replies": sum(len(x.bad_replies) for x in all_runners),
             "stray_replies": sum(x.stray for x in all_runners),
         },
@@ -1986,12 +1990,19 @@ def summarize(cfg: FuzzConfig, main: Runner, runners: list[Runner], observations
                    "within": growth <= bound, "sessions": mem["sessions"], "pending_max": mem["pending_max"],
                    "seen_seqs": mem["seen"], "queued": mem["queued"]},
         "observations": [asdict(o) for o in observations],
-        "mismatches": [m for x in all_runners for m in x.mismatches][:200],
+        "mismatches": mismatches[:200],
         "bad_replies": _grouped([b for x in all_runners for b in x.bad_replies]),
         "queue_problems": [p for x in all_runners for p in x.queue_problems][:50],
         "servers": finals_all,
         "seconds": seconds,
     }
+
+
+def _kinds(mismatches: list[dict]) -> list[dict]:
+    """Mismatches grouped by what came back and the rule it broke, values left out."""
+    counts = Counter((m["verdict"], m["detail"].split(" for ")[0].split(":")[0],
+                      re.split(r"[\[{'\"(\d]", m["why"])[0].strip()) for m in mismatches)
+    return [{"verdict": v, "got": got, "rule": rule, "count": n} for (v, got, rule), n in counts.most_common()]
 
 
 def _grouped(items: list[dict]) -> list[dict]:
@@ -2027,7 +2038,7 @@ def summary_lines(results: dict) -> list[str]:
     crashes = t["crashes"]
     lines = [
         f"crashes: {t['crash_count']} (INTERNAL replies {crashes['internal_replies']}, receiver threads dead "
-        f"{crashes['receiver_dead']}, errors logged {crashes['logged_errors']})",
+        f"{crashes['receiver_dead']}; exceptions the receiver logged: {crashes['logged_errors']})",
         f"invalid or non-finite batches trained: {t['invalid_trained']} of {t['queued_checked']} taken from the queue "
         f"(accepted although malformed: {t['queued_malformed']}; acknowledged, never queued: {t['acked_never_queued']})",
         f"off-spec replies: {t['off_spec'] or 'none'}; replies breaking the spec themselves: {t['bad_replies']}; "
@@ -2043,6 +2054,8 @@ def summary_lines(results: dict) -> list[str]:
     for obs in results["observations"]:
         mark = {True: "ok", False: "FAIL", None: "note"}[obs["ok"]]
         lines.append(f"[{mark}] {obs['name']}: {obs['detail']}")
+    for kind in t["off_spec_kinds"][:10]:
+        lines.append(f"off-spec x{kind['count']}: {kind['got']} ({kind['verdict']}) where the spec says: {kind['rule']}")
     for item in results["bad_replies"][:8]:
         lines.append(f"bad reply x{item['count']} ({item['class']}): {item['reply']} {item['problem']}")
     shown = Counter()
