@@ -3,7 +3,8 @@
 It owns the socket (ZeroMQ sockets are not thread-safe); the trainer talks to it only through
 the bounded batch queue and a thread-safe notification channel. It never blocks on the trainer:
 when the queue is full it keeps the batch aside and withholds the ACK, which is the device's
-credit, so memory stays bounded by queue size + the devices' windows.
+credit, so memory stays bounded by the queue, the devices' windows and what libzmq may queue per
+connection (``2 x window + 8`` messages; docs/protocol.md, "Limits the server enforces").
 """
 
 from __future__ import annotations
@@ -524,7 +525,6 @@ class Receiver(threading.Thread):
             session.samples += batch.size
             session.bytes_received += nbytes
             self.bytes_received += nbytes
-        self._strikes.pop(routing_id, None)
         self._pending.append(ReceivedBatch(batch, session.split, time.monotonic()))
         self._flush_pending()
 

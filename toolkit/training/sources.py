@@ -58,6 +58,13 @@ class Inbox(Protocol):
 ORDER_MAX_WAIT_S = 30.0
 
 
+def _label_of(labels: np.ndarray, row: int, length: int, device: torch.device) -> int | torch.Tensor:
+    """Row ``row``'s label: a class id, or its token labels trimmed like its activations."""
+    if labels.ndim == 1:
+        return int(labels[row])
+    return torch.from_numpy(labels[row, :length].copy()).to(device)
+
+
 class ReceiverInbox:
     """The streaming receiver's bounded queue; finished once every expected device said BYE.
 
@@ -344,7 +351,8 @@ class MixedActivations:
             for j, (i, n) in enumerate(zip(keep, lengths)):
                 self.cache.put(b.device, int(b.sample_ids[i]), int(b.labels[i]), hidden[j, :n].cpu().numpy())
         self.buffer.add([
-            Sample(hidden[j, :n].clone(), mask[j, :n].clone(), int(b.labels[i]), b.device, int(b.sample_ids[i]), b.epoch, b.seq)
+            Sample(hidden[j, :n].clone(), mask[j, :n].clone(), _label_of(b.labels, i, n, hidden.device), b.device,
+                   int(b.sample_ids[i]), b.epoch, b.seq)
             for j, (i, n) in enumerate(zip(keep, lengths))
         ])
 
