@@ -147,20 +147,43 @@ def decode_header(frame: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) 
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, "header must be a map")
-    if header.get("v") != PROTOCOL_VERSION:
+    if not _plain(header):
+        raise ProtocolError(ErrorCode.BAD_HEADER, "header holds a bin or extension value")
+    if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            ErrorCode.VERSION_MISMATCH, f"protocol version {header.get('v')!r} != {PROTOCOL_VERSION}"
+            ErrorCode.VERSION_MISMATCH, f"protocol version {_short(header.get('v'))} != {PROTOCOL_VERSION}"
         )
     type_name = header.get("type")
     msg_type = _MSG_TYPES.get(type_name) if isinstance(type_name, str) else None
     if msg_type is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {type_name!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {_short(type_name)}")
     device = header.get("device")
     if not isinstance(device, str) or not device or len(device) > MAX_DEVICE_ID_LEN or not device.isprintable():
         raise ProtocolError(ErrorCode.BAD_HEADER, "device id must be a printable string of 1-64 characters")
     # The decoded map is ours alone: what is left once the envelope is taken out is the fields.
     del header["v"], header["type"], header["device"]
     return Header(msg_type, device, header)
+
+
+def _plain(value: Any) -> bool:
+    """Only maps, lists, str, int, float, bool and nil: msgpack's max_bin_len=0 and max_ext_len=0
+    still let an empty bin or ext through. Walked without recursion (nesting depth is msgpack's)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif not (item is None or isinstance(item, (str, int, float))):
+            return False
+    return True
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error reason: its repr, cut to ``limit`` characters (reasons have a bounded length)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 #: Wire name -> message type; a dict lookup instead of the enum's constructor (which raises on a miss).
@@ -437,13 +460,13 @@ def _array_specs(specs: Any, bad) -> dict[str, tuple[str, tuple[int, ...], int]]
         if not isinstance(spec, dict):
             raise bad("each array spec must be a map of name, dtype, shape")
         name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
-        if name not in BATCH_ARRAYS or name in out:
-            raise bad(f"arrays must list exactly {sorted(BATCH_ARRAYS)}, each once (got {name!r})")
+        if not isinstance(name, str) or name not in BATCH_ARRAYS or name in out:
+            raise bad(f"arrays must list exactly {sorted(BATCH_ARRAYS)}, each once (got {_short(name)})")
         dtypes, rank = BATCH_ARRAYS[name]
         if dtype not in dtypes:
-            raise bad(f"{name} dtype {dtype!r} not in {dtypes}")
+            raise bad(f"{name} dtype {_short(dtype)} not in {dtypes}")
         if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(d) and 0 <= d <= MAX_INT for d in shape):
-            raise bad(f"{name} shape {shape!r} must be {rank} non-negative ints")
+            raise bad(f"{name} shape {_short(shape)} must be {rank} non-negative ints")
         out[name] = (dtype, tuple(shape), index)
     return out
 

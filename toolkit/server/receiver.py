@@ -77,6 +77,9 @@ class LinkLimits:
     #: Longest a pacing hold keeps one credit: a device that lags, or lies about its size, slows the
     #: others by at most this much per credit instead of stopping them.
     pace_max_hold_s: float = 30.0
+    #: Device ids the server keeps a session record for, finished ones included (their counts go into
+    #: the summary); a HELLO from a new id beyond it is refused, so churning ids cannot grow memory.
+    max_known_devices: int = 1024
 
 
 @dataclass
@@ -116,6 +119,8 @@ class DeviceSession:
     skip_epochs: list[int] = field(default_factory=list)
     #: Samples the device announced it will send in this run (0: unknown, never paced).
     planned_samples: int = 0
+    #: Most samples the device may send: what it announced, or the server's limit if it announced none.
+    sample_cap: int = 0
 
     @property
     def finished(self) -> bool:
@@ -191,7 +196,7 @@ class Receiver(threading.Thread):
         self._held: dict[str, list[tuple[int, float]]] = {}
         #: Invalid messages per connection, and connections disconnected for them.
         self._strikes: dict[bytes, int] = {}
-        self._banned: set[bytes] = set()
+        self._banned: dict[bytes, None] = {}  # insertion-ordered: the oldest ban is forgotten first
         self.session_id = uuid.uuid4().hex[:12]
         self.sessions: dict[str, DeviceSession] = {}
         self.errors_sent = 0
@@ -340,7 +345,8 @@ class Receiver(threading.Thread):
     def _error(self, routing_id: bytes, code: ErrorCode, reason: str, seq: int | None = None) -> None:
         self.errors_sent += 1
         log.warning("rejected a message from %r: %s", routing_id.decode(errors="replace"), reason)
-        fields: dict[str, Any] = {"code": int(code), "reason": reason}
+        # The spec bounds a reason's length: a client drops an ERROR beyond it as malformed.
+        fields: dict[str, Any] = {"code": int(code), "reason": reason if len(reason) <= 1024 else reason[:1021] + "..."}
         if seq is not None:
             fields["seq"] = seq
         self._send(routing_id, MsgType.ERROR, **fields)
@@ -400,7 +406,9 @@ class Receiver(threading.Thread):
         """End a connection for the rest of the run: BYE with the reason, then ignore it (and, with
         keys, its key); the session it owns, if any, ends too."""
         log.warning("disconnecting %r: %s", routing_id.decode(errors="replace"), why)
-        self._banned.add(offender)
+        self._banned[offender] = None
+        if len(self._banned) > self.limits.max_known_devices:
+            self._banned.pop(next(iter(self._banned)))  # bounded: it must earn its strikes again
         if session is not None:
             with self._lock:
                 session.banned = True
@@ -465,6 +473,9 @@ class Receiver(threading.Thread):
         session = self.sessions.get(hello.device)
         if session is None and sum(not s.finished for s in self.sessions.values()) >= self.limits.max_sessions:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"the server has {self.limits.max_sessions} devices already")
+        if session is None and len(self.sessions) >= self.limits.max_known_devices:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                f"the server has seen {self.limits.max_known_devices} device ids in this run")
         if session is not None and session.banned:
             raise ProtocolError(ErrorCode.REFUSED, f"device {hello.device!r} was disconnected for invalid messages")
         schema = accepted.schema.for_wire(hello.wire_dtype)
@@ -478,6 +489,8 @@ class Receiver(threading.Thread):
                 wire_dtype=hello.wire_dtype, connected_at=now, last_seen=now, schema=schema, skip_epochs=skip,
                 planned_samples=samples * max(0, epochs - len(skip)) // epochs,
             )
+            # Announced 0 means 0; only -1 (unknown) leaves the server's own limit.
+            session.sample_cap = session.planned_samples if hello.num_samples >= 0 else self.limits.max_samples_per_device
             with self._lock:
                 self.sessions[hello.device] = session
             log.info("device %s joined: split %d, %s, wire %s", hello.device, hello.split, hello.precision, hello.wire_dtype)
@@ -485,7 +498,8 @@ class Receiver(threading.Thread):
             # A reconnect (or, without keys, another connection naming this device): keep what was
             # seen, so resent batches are deduplicated.
             with self._lock:
-                session.routing_id, session.last_seen, session.timed_out = routing_id, now, False
+                # A device back after its BYE streams again (its seen seqs still dedupe what it resends).
+                session.routing_id, session.last_seen, session.timed_out, session.said_bye = routing_id, now, False, False
                 session.split, session.precision, session.wire_dtype, session.schema = (
                     hello.split, hello.precision, hello.wire_dtype, schema)
             log.info("device %s reconnected", hello.device)
@@ -514,7 +528,7 @@ class Receiver(threading.Thread):
             raise ProtocolError(ErrorCode.WINDOW_EXCEEDED,
                                 f"BATCH seq {batch.seq}: {len(session.unacked)} batches unacknowledged, window {self.window}",
                                 seq=batch.seq)
-        cap = session.planned_samples or self.limits.max_samples_per_device
+        cap = session.sample_cap
         if session.samples + batch.size > cap:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                                 f"BATCH seq {batch.seq}: more samples than the {cap} announced", seq=batch.seq)

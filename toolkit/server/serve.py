@@ -385,8 +385,7 @@ def _serve(opts: ServeOptions, link: LinkAuth | None, on_progress, log_line: Cal
         ack="trained" if opts.schedule == "sequential" else ("taken" if ordered else "queued"),
         device_timeout_s=opts.device_timeout_s,
         pace=opts.pace,
-        limits=LinkLimits(max_sessions=opts.max_devices or max(2 * opts.devices, opts.devices + 8),
-                          max_strikes=opts.max_strikes),
+        limits=_link_limits(opts),
         **(link.receiver_options() if link is not None else {}),
     )
 
@@ -408,6 +407,11 @@ def _serve(opts: ServeOptions, link: LinkAuth | None, on_progress, log_line: Cal
         receiver.join_stopped(timeout=5)
 
     return _drive(opts, stream, accepted, start, stop, on_progress, log_line)
+
+
+def _link_limits(opts: ServeOptions) -> LinkLimits:
+    sessions = opts.max_devices or max(2 * opts.devices, opts.devices + 8)
+    return LinkLimits(max_sessions=sessions, max_strikes=opts.max_strikes, max_known_devices=4 * sessions)
 
 
 def serve_in_process(
