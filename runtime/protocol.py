@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import functools
 import math
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -147,7 +148,7 @@ def decode_header(frame: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) 
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, "header must be a map")
-    if not _plain(header):
+    if _EMPTY_BIN_OR_EXT.search(raw) is not None and not _plain(header):
         raise ProtocolError(ErrorCode.BAD_HEADER, "header holds a bin or extension value")
     if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -163,6 +164,13 @@ def decode_header(frame: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) 
     # The decoded map is ours alone: what is left once the envelope is taken out is the fields.
     del header["v"], header["type"], header["device"]
     return Header(msg_type, device, header)
+
+
+#: The encodings of an empty bin (c4-c6) and an empty ext (c7-c9), the only ones that max_bin_len=0
+#: and max_ext_len=0 let through. A header whose bytes hold none of these cannot hold such a value,
+#: so the walk over every value (several times the cost of this search) is needed only when one is
+#: found, which a length or an int can also produce.
+_EMPTY_BIN_OR_EXT = re.compile(rb"\xc4\x00|\xc5\x00\x00|\xc6\x00{4}|\xc7\x00|\xc8\x00\x00|\xc9\x00{4}")
 
 
 def _plain(value: Any) -> bool:
