@@ -135,8 +135,9 @@ EMITTED_ATTRIBUTES = {(MSFT_DOMAIN, "GroupQueryAttention"): {"num_heads", "kv_nu
 
 def drop_saved_defaults(path: Path) -> None:
     """Remove from sftool's contrib nodes in ``path`` the attributes onnxruntime added when saving (its
-    defaults): the node is then the one sftool exported, and loads on older onnxruntime too."""
-    model = onnx.load(str(path))
+    defaults): the node is then the one sftool exported, and loads on older onnxruntime too. Only the
+    graph is rewritten: external data (``<path>.data``) stays as it is."""
+    model = onnx.load(str(path), load_external_data=False)
     changed = False
     for node in model.graph.node:
         keep = EMITTED_ATTRIBUTES.get((node.domain, node.op_type))

@@ -4,6 +4,7 @@ against PyTorch, write the manifest."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import shutil
@@ -17,6 +18,13 @@ from typing import Callable
 import numpy as np
 from sftool import __version__
 from sftool.errors import SftoolError
+from sftool.exporters.external_data import (
+    EXTERNAL_DATA_THRESHOLD,
+    move_model,
+    place_weights,
+    remove_model,
+    wants_external,
+)
 from sftool.exporters.quantize import SMOOTH_ALPHA
 from sftool.runtime.manifest import MANIFEST_NAME, Manifest, Variant, sha256_file, write_manifest
 
@@ -52,6 +60,10 @@ class ExportOptions:
     graph_optimization: str = "extended"
     #: SmoothQuant migration strength for the int8 variants (0 turns smoothing off).
     int8_smooth_alpha: float = SMOOTH_ALPHA
+    #: A model file with more weight bytes than this keeps its weights in ``<file>.data`` beside it
+    #: (ONNX external data; protobuf cannot hold more than 2 GiB in one file). Every data file is in
+    #: the manifest's ``files``.
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
 def _prepare_out(out: Path) -> None:
@@ -69,7 +81,16 @@ def _prepare_out(out: Path) -> None:
         raise SftoolError(f"output folder {out.parent} is not writable")
 
 
-def _export_onnx(module, path: Path, exporter: str, opset: int, example: tuple) -> None:
+def module_bytes(module) -> int:
+    """Bytes of a torch module's parameters and buffers, each tensor counted once (tied weights)."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _export_onnx(
+    module, path: Path, exporter: str, opset: int, example: tuple, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> None:
+    """Export ``module`` to ``path``, its weights in ``<path>.data`` when over ``external_data_threshold``."""
     import logging
 
     import torch
@@ -79,13 +100,15 @@ def _export_onnx(module, path: Path, exporter: str, opset: int, example: tuple) 
     axes = {"batch": 0, "seq": 1}
     dynamic_axes = {name: dict((v, k) for k, v in axes.items()) for name in [*INPUT_NAMES, OUTPUT_NAME]}
     dynamo = exporter == "dynamo"
-    # The dynamo exporter writes external data unless told not to, and narrates every stage on
-    # stdout; keep the CLI's output readable. Fused layers call sftool's contrib ops (dynamo only).
+    # The dynamo exporter writes external data unless told not to (and on its own above 1.5 GiB), and
+    # narrates every stage on stdout; keep the CLI's output readable. Fused layers call sftool's
+    # contrib ops (dynamo only).
     extra = {}
     if dynamo:
         from sftool.exporters.contrib_ops import TRANSLATIONS
 
-        extra = {"external_data": False, "custom_translation_table": TRANSLATIONS}
+        external = wants_external(module_bytes(module), external_data_threshold)
+        extra = {"external_data": external, "custom_translation_table": TRANSLATIONS}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -99,6 +122,8 @@ def _export_onnx(module, path: Path, exporter: str, opset: int, example: tuple) 
             dynamo=dynamo,
             **extra,
         )
+    # The torchscript exporter writes one file per tensor past 2 GiB and none below: one data file or none.
+    place_weights(path, external_data_threshold)
 
 
 def parity_inputs(vocab_size: int, shapes: list[tuple[int, int]], seed: int, pad_id: int):
@@ -160,7 +185,8 @@ def write_fp32_files(device_part, staging: Path, opts: ExportOptions, max_seq_le
 
     inputs = tuple(map(torch.from_numpy, example))
     portable = staging / DEVICE_ONNX
-    _export_onnx(device_part, portable, opts.exporter, opts.opset, inputs)
+    threshold = opts.external_data_threshold
+    _export_onnx(device_part, portable, opts.exporter, opts.opset, inputs, threshold)
     require_standard_onnx(portable)
     proto = onnx.load(str(portable), load_external_data=False)
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opts.opset)
@@ -175,16 +201,18 @@ def write_fp32_files(device_part, staging: Path, opts: ExportOptions, max_seq_le
     if fused.fused:
         source = staging / f".{OPTIMIZED_ONNX}.plain"
         log(f"exporting the fused layers for onnxruntime ({OPTIMIZED_ONNX})")
-        _export_onnx(fused, source, opts.exporter, opts.opset, inputs)
+        _export_onnx(fused, source, opts.exporter, opts.opset, inputs, threshold)
+    is_fused = fused.fused
+    del fused  # a copy of the part's weights: gigabytes at full size
     optimized = staging / OPTIMIZED_ONNX
     if opts.graph_optimization == "none":
-        source.replace(optimized)
+        move_model(source, optimized)
     else:
         log(f"saving the graph optimized by onnxruntime ({opts.graph_optimization}, portable to ARM64)")
-        ort_optimize(source, optimized, opts.graph_optimization)
+        ort_optimize(source, optimized, opts.graph_optimization, threshold)
         if source != portable:
-            source.unlink()
-    method = portable_method + (" + fused layers" if fused.fused else "")
+            remove_model(source)
+    method = portable_method + (" + fused layers" if is_fused else "")
     method += "" if opts.graph_optimization == "none" else f" + ort.{opts.graph_optimization}"
     return Fp32Files(OPTIMIZED_ONNX, portable_method, method, opset)
 
@@ -248,17 +276,22 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
     started = time.perf_counter()
     log(f"loading {opts.source}")
     model = load_model(opts.source, head="base")
-    adapter = adapter_for(model.config.model_type)
-    num_layers = adapter.num_layers(model.config)
+    config = model.config
+    adapter = adapter_for(config.model_type)
+    num_layers = adapter.num_layers(config)
     check_split(opts.split, num_layers)
     tokenizer = load_tokenizer(opts.source)
     pad_id = pad_token_id(tokenizer)
-    max_seq_len = min(opts.max_seq_len, adapter.max_positions(model.config))
+    max_seq_len = min(opts.max_seq_len, adapter.max_positions(config))
     device_part = DevicePart(adapter, adapter.backbone(model), opts.split).eval()
-    vocab = int(model.config.vocab_size)
+    # The server's blocks are not needed from here on: free them (gigabytes for a 3B model).
+    del model
+    gc.collect()
+    vocab = int(config.vocab_size)
     # The standard file is checked as a runtime without onnxruntime's rewrites would run it.
     plain_settings = SessionSettings(optimization="disable")
 
+    threshold = opts.external_data_threshold
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         log(f"exporting {adapter.name} blocks 0..{opts.split - 1} of {num_layers} to ONNX ({opts.exporter})")
@@ -292,13 +325,15 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
                 fuse_max_seq_len=max_seq_len if fuse else None,
             )
             int8_source = staging / f".{DEVICE_ONNX}.int8-source"
-            _export_onnx(prepared, int8_source, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)))
+            _export_onnx(prepared, int8_source, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)), threshold)
             del prepared
+            gc.collect()
             variants += quantize_variants(
                 staging, targets, calibration, reference, log,
                 source_model=int8_source, recipe_note=note, graph_optimization=opts.graph_optimization,
+                external_data_threshold=threshold,
             )
-            int8_source.unlink()
+            remove_model(int8_source)
 
         files = {
             str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -316,7 +351,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             source=str(opts.source),
             split=opts.split,
             num_layers=num_layers,
-            hidden_size=adapter.hidden_size(model.config),
+            hidden_size=adapter.hidden_size(config),
             max_seq_len=max_seq_len,
             max_batch=opts.max_batch,
             pad_token_id=pad_id,
@@ -328,7 +363,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
                 {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                 {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]},
             ],
-            outputs=[{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", adapter.hidden_size(model.config)]}],
+            outputs=[{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", adapter.hidden_size(config)]}],
             parity=parity,
             activation_abs_max=activation_abs_max(reference, calibration[1]),
             created_by=f"sftool {__version__}",

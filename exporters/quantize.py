@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
+from sftool.exporters.external_data import (
+    EXTERNAL_DATA_THRESHOLD,
+    copy_model,
+    data_file,
+    data_locations,
+    make_inline,
+    model_bytes,
+    move_model,
+    ort_external_options,
+    remove_model,
+    wants_external,
+)
 from sftool.runtime.manifest import Variant
 
 INT8_TARGETS = ("arm64", "avx512_vnni", "avx2")
@@ -112,8 +123,9 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def ort_optimize(src: Path, dst: Path, level: str = "extended") -> None:
-    """Save ``src`` as optimized by onnxruntime at a portable level (``basic`` or ``extended``).
+def ort_optimize(src: Path, dst: Path, level: str = "extended", external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    """Save ``src`` as optimized by onnxruntime at a portable level (``basic`` or ``extended``); its
+    weights go to ``<dst>.data`` where ``src`` (with its data) is over ``external_data_threshold`` bytes.
 
     ``all`` is refused: its layout transforms are chosen for the exporting machine's CPU (e.g. NCHWc
     blocks for AVX-512) and the file would not be the same model on an ARM board.
@@ -128,10 +140,20 @@ def ort_optimize(src: Path, dst: Path, level: str = "extended") -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[level]
     options.optimized_model_filepath = str(tmp)
+    data_file(dst).unlink(missing_ok=True)
+    external = wants_external(model_bytes(src), external_data_threshold)
+    # A source with external data is saved with external data too, whatever its size: onnxruntime
+    # would otherwise save references into the source's data file, which is deleted after this.
+    if external or data_locations(src):
+        # Named for the final file: the saved graph refers to its data file by name.
+        ort_external_options(options, dst)
     try:
         ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+        if not external and data_locations(tmp):
+            make_inline(tmp)  # e.g. an int8 model quantized from a >2 GB source: ~4x smaller
     except Exception as exc:  # ORT raises its own exception types
         tmp.unlink(missing_ok=True)
+        data_file(dst).unlink(missing_ok=True)
         raise SftoolError(f"onnxruntime could not optimize {src.name}: {exc}") from None
     from sftool.exporters.contrib_ops import drop_saved_defaults
 
@@ -175,9 +197,12 @@ def ort_parity(
     return compare_outputs(reference, got, mask)
 
 
-def quantize_file(source_model: Path, out: Path, recipe: Recipe, graph_optimization: str) -> None:
+def quantize_file(
+    source_model: Path, out: Path, recipe: Recipe, graph_optimization: str, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> None:
     """Quantize one fp32 ONNX file with ``recipe`` and save it optimized at ``graph_optimization``: how
-    every int8 variant is made (and the int8 GEMM probe of ``sftool bench device``)."""
+    every int8 variant is made (and the int8 GEMM probe of ``sftool bench device``). ``out`` keeps its
+    weights in ``<out>.data`` where it is larger than ``external_data_threshold`` bytes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = out.with_name(f".{out.name}.plain")
@@ -189,17 +214,20 @@ def quantize_file(source_model: Path, out: Path, recipe: Recipe, graph_optimizat
                 per_channel=True,
                 reduce_range=recipe.reduce_range,
                 weight_type=QuantType.QInt8,
+                # The int8 model is ~4x smaller than its source: external data only where the source
+                # needs it, and ort_optimize decides again for the final file.
+                use_external_data_format=wants_external(model_bytes(source_model), external_data_threshold),
             )
         if graph_optimization == "none":
-            tmp.replace(out)
+            move_model(tmp, out)
         else:
-            ort_optimize(tmp, out, graph_optimization)
+            ort_optimize(tmp, out, graph_optimization, external_data_threshold)
     except SftoolError:
         raise
     except Exception as exc:  # the quantizer raises assorted types on graphs it cannot handle
         raise SftoolError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_model(tmp)
 
 
 def quantize_variants(
@@ -212,6 +240,7 @@ def quantize_variants(
     source_model: Path,
     recipe_note: str = "",
     graph_optimization: str = "extended",
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> list[Variant]:
     """Write ``device.int8.<target>.onnx`` into ``staging`` for each (resolved) target; return their Variants.
 
@@ -220,7 +249,8 @@ def quantize_variants(
     ``int8_prep.prepare_for_int8(device_part)``; ``recipe_note`` says how it was prepared (recorded in
     each variant's method). Parity is measured on ``batch`` (the calibration sentences) against
     ``reference``, the fp32 PyTorch device part's output. Raises SftoolError if a variant's mean
-    cosine is below MIN_MEAN_COSINE.
+    cosine is below MIN_MEAN_COSINE. A file over ``external_data_threshold`` bytes keeps its weights
+    in ``<file>.data``.
     """
     from sftool.exporters.portable import file_runtime
 
@@ -238,12 +268,12 @@ def quantize_variants(
         out = staging / int8_file(target)
         if recipe in done:  # same recipe, same bytes: copy instead of quantizing again
             first, parity = done[recipe]
-            shutil.copyfile(first, out)
+            copy_model(first, out)
         else:
-            quantize_file(Path(source_model), out, recipe, graph_optimization)
+            quantize_file(Path(source_model), out, recipe, graph_optimization, external_data_threshold)
             parity = ort_parity(out, batch, reference)
             log(
-                f"int8/{target}: {out.stat().st_size / 1e6:.1f} MB, mean cosine {parity['mean_cosine']:.5f}, "
+                f"int8/{target}: {model_bytes(out) / 1e6:.1f} MB, mean cosine {parity['mean_cosine']:.5f}, "
                 f"worst token {parity['min_cosine']:.5f}, max abs diff {parity['max_abs_diff']:.3g}"
             )
             done[recipe] = (out, parity)

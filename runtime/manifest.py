@@ -94,7 +94,8 @@ class Manifest:
     max_seq_len: int
     pad_token_id: int
     variants: list[Variant]
-    files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "bytes"}
+    #: relative path -> {"sha256", "bytes"}: every file of the export, external data (``*.onnx.data``) included.
+    files: dict[str, dict[str, Any]]
     weights_fingerprint: str  # sha256 over the device part's weights; the server recomputes it
     opset: int
     dtype: str = "float32"
@@ -175,10 +176,24 @@ def load_manifest(folder: Path, verify_files: bool = True) -> Manifest:
     except TypeError as exc:
         raise SftoolError(f"{path}: malformed manifest ({exc})") from None
     if verify_files:
-        for rel, info in manifest.files.items():
-            file = folder / rel
-            if not file.is_file():
-                raise SftoolError(f"{folder}: file {rel} listed in the manifest is missing")
-            if sha256_file(file) != info["sha256"]:
-                raise SftoolError(f"{folder}: file {rel} does not match its sha256 in the manifest (corrupt copy?)")
+        verify_listed_files(folder, manifest)
     return manifest
+
+
+def verify_listed_files(folder: Path, manifest: Manifest) -> None:
+    """Raise SftoolError unless every file in ``manifest.files`` (models, their ``.data`` external
+    weights, tokenizer) is in ``folder`` with its listed size and sha256. The size is compared first:
+    a truncated copy of a multi-GB data file is refused without hashing it."""
+    folder = Path(folder)
+    for rel, info in manifest.files.items():
+        file = folder / rel
+        if not file.is_file():
+            raise SftoolError(f"{folder}: file {rel} listed in the manifest is missing")
+        size = file.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            raise SftoolError(
+                f"{folder}: file {rel} does not match its size and sha256 in the manifest ({size} bytes, listed "
+                f"{info['bytes']}: corrupt or partial copy?)"
+            )
+        if sha256_file(file) != info["sha256"]:
+            raise SftoolError(f"{folder}: file {rel} does not match its sha256 in the manifest (corrupt copy?)")
