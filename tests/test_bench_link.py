@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from cli_helpers import run_cli
 from sftool.bench_link import LinkBenchConfig, make_batches, run_protocol
@@ -22,6 +23,12 @@ def test_bench_link_tiny_both_transports(tmp_path):
         # The receiver's own count of accepted batches, for every timed protocol run.
         assert t["protocol_delivered"] == [12, 12]
         assert all(run["batches"] == 12 for run in t["bare_runs"])
+        # Which side's Python bounds the stream: the receiving and the sending thread's CPU per batch.
+        assert t["bare_server_thread_cpu_ms_per_batch"] > 0 and t["bare_device_thread_cpu_ms_per_batch"] > 0
+        assert t["protocol_device_thread_cpu_ms_per_batch"] > 0
+        if hasattr(time, "pthread_getcpuclockid"):  # another thread's CPU clock (the Receiver's)
+            assert t["protocol_server_thread_cpu_ms_per_batch"] > 0
+    assert "receiving thread CPU" in result.output
     assert r["machine"]["cpu"]
 
 
@@ -31,3 +38,4 @@ def test_protocol_run_counts_come_from_the_receiver():
     assert m.batches == 7
     assert m.payload_bytes == 7 * (4 * 8 * 4 + 4 + 8 + 8)
     assert m.seconds > 0 and m.goodput_gbs > 0
+    assert m.device_thread_cpu_seconds is not None and m.device_thread_cpu_seconds > 0

@@ -13,7 +13,9 @@ contexts (one I/O thread each, as two processes would have). Goodput is the arra
 batches delivered per second, from the first batch sent to the last one delivered (taken from the
 receiver's queue; for the bare loop, the last ACK back). The handshake (and the CURVE key exchange)
 happens before the clock starts. Measurements are interleaved over repetitions and the median is
-reported, with the per-batch cost of the receiver's validation measured alone on the same frames.
+reported, with the per-batch cost of the receiver's validation measured alone on the same frames,
+and the CPU time per batch of the receiving thread (the bare ROUTER loop, or the `Receiver`) and of
+the sending thread over the same span, which says which side's Python bounds the stream.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class Measurement:
     payload_bytes: int
     #: CPU time of the whole process (both sides, their ZeroMQ I/O threads included) over the same span.
     cpu_seconds: float = 0.0
+    #: CPU time of the receiving thread (bare ROUTER loop or Receiver) and of the sending thread over
+    #: the span; None where the platform cannot read another thread's CPU clock.
+    server_thread_cpu_seconds: float | None = None
+    device_thread_cpu_seconds: float | None = None
 
     @property
     def goodput_gbs(self) -> float:
@@ -113,6 +119,30 @@ class PrecomputedPlan:
 
     def make(self, seq: int) -> OutgoingBatch:
         return self._batches[seq]
+
+
+class ThreadClock:
+    """CPU time of one running thread, readable from another (Linux and most Unixes; else None)."""
+
+    def __init__(self, thread: threading.Thread):
+        try:
+            self._clock: int | None = time.pthread_getcpuclockid(thread.ident)  # type: ignore[arg-type]
+        except (AttributeError, OSError, TypeError):
+            self._clock = None
+
+    def read(self) -> float | None:
+        """The thread's CPU seconds so far; None if unreadable or the thread has ended."""
+        if self._clock is None:
+            return None
+        try:
+            return time.clock_gettime(self._clock)
+        except OSError:  # the thread has ended
+            return None
+
+
+def _spent(clock: ThreadClock, started: float | None) -> float | None:
+    now = clock.read()
+    return None if now is None or started is None else now - started
 
 
 # -- keys and contexts -------------------------------------------------------------------------
@@ -156,9 +186,10 @@ def run_bare(batches: list[OutgoingBatch], window: int, keys: CurveKeys | None) 
     dealer.linger = 0
     _secure_dealer(dealer, keys)
     dealer.connect(f"tcp://127.0.0.1:{port}")
-    got = {"batches": 0, "bytes": 0}
+    got: dict[str, Any] = {"batches": 0, "bytes": 0, "cpu": None}
 
     def serve() -> None:
+        cpu_started = 0.0
         for _ in range(len(batches) + 1):  # + the handshake ping
             if not router.poll(int(RUN_TIMEOUT_S * 1000)):
                 return
@@ -167,6 +198,9 @@ def run_bare(batches: list[OutgoingBatch], window: int, keys: CurveKeys | None) 
                 got["batches"] += 1
                 got["bytes"] += sum(len(f.buffer) for f in frames[2:])
             router.send_multipart([frames[0], b"ACK"])
+            if len(frames) <= 2:
+                cpu_started = time.thread_time()  # the clock starts once the ping is answered
+        got["cpu"] = time.thread_time() - cpu_started
 
     thread = threading.Thread(target=serve, name="bench-bare-router", daemon=True)
     thread.start()
@@ -174,6 +208,7 @@ def run_bare(batches: list[OutgoingBatch], window: int, keys: CurveKeys | None) 
         dealer.send(b"ping")  # connection (and CURVE handshake) before the clock starts
         _recv_ack(dealer)
         started, cpu_started = time.perf_counter(), time.process_time()
+        device_started = time.thread_time()
         in_flight = 0
         for batch in batches:
             if in_flight >= window:
@@ -184,6 +219,7 @@ def run_bare(batches: list[OutgoingBatch], window: int, keys: CurveKeys | None) 
         for _ in range(in_flight):
             _recv_ack(dealer)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        device_cpu = time.thread_time() - device_started
         thread.join(RUN_TIMEOUT_S)
     finally:
         dealer.close(0)
@@ -192,7 +228,7 @@ def run_bare(batches: list[OutgoingBatch], window: int, keys: CurveKeys | None) 
         if not thread.is_alive():  # a socket may only be closed by the thread that uses it
             router.close(0)
             server_ctx.term()
-    return Measurement(elapsed, got["batches"], got["bytes"], cpu)
+    return Measurement(elapsed, got["batches"], got["bytes"], cpu, got["cpu"], device_cpu)
 
 
 def _recv_ack(sock: zmq.Socket) -> None:
@@ -263,13 +299,16 @@ def run_protocol(cfg: LinkBenchConfig, batches: list[OutgoingBatch], keys: Curve
     )
     receiver.start()
     consumer.start()
+    receiver_clock = ThreadClock(receiver)
     try:
         client.connect()  # HELLO/WELCOME (and the CURVE handshake) before the clock starts
         started, cpu_started = time.perf_counter(), time.process_time()
+        receiver_started, device_started = receiver_clock.read(), time.thread_time()
         report = client.stream(PrecomputedPlan(batches))
-        streamed = time.perf_counter()
+        streamed, device_cpu = time.perf_counter(), time.thread_time() - device_started
         consumer.join(RUN_TIMEOUT_S)
         elapsed, cpu = max(streamed, consumer.last_at) - started, time.process_time() - cpu_started
+        receiver_cpu = _spent(receiver_clock, receiver_started)
         client.close(wait_s=2.0)
     finally:
         consumer.stop.set()
@@ -285,7 +324,7 @@ def run_protocol(cfg: LinkBenchConfig, batches: list[OutgoingBatch], keys: Curve
             f"the protocol run lost batches: receiver accepted {session.batches if session else 0}, consumer took "
             f"{consumer.taken} of {len(batches)}; rejected: {rejected[:3]}"
         )
-    return Measurement(elapsed, session.batches, consumer.payload_bytes, cpu)
+    return Measurement(elapsed, session.batches, consumer.payload_bytes, cpu, receiver_cpu, device_cpu)
 
 
 # -- where the receiver's time goes ------------------------------------------------------------
@@ -384,6 +423,11 @@ def _summary(runs: dict[str, list[Measurement]], per_batch: int) -> dict:
         "protocol_runs": [asdict(m) | {"goodput_gbs": m.goodput_gbs} for m in runs["protocol"]],
         "bare_cpu_ms_per_batch": _median_cpu_ms(runs["bare"]),
         "protocol_cpu_ms_per_batch": _median_cpu_ms(runs["protocol"]),
+        # The receiving thread's and the sending thread's share of it.
+        "bare_server_thread_cpu_ms_per_batch": _median_cpu_ms(runs["bare"], "server_thread_cpu_seconds"),
+        "protocol_server_thread_cpu_ms_per_batch": _median_cpu_ms(runs["protocol"], "server_thread_cpu_seconds"),
+        "bare_device_thread_cpu_ms_per_batch": _median_cpu_ms(runs["bare"], "device_thread_cpu_seconds"),
+        "protocol_device_thread_cpu_ms_per_batch": _median_cpu_ms(runs["protocol"], "device_thread_cpu_seconds"),
         "protocol_delivered": [m.batches for m in runs["protocol"]],
     }
 
@@ -392,8 +436,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB" if nbytes >= 100_000 else f"{nbytes / 1e3:.1f} kB"
 
 
-def _median_cpu_ms(runs: list[Measurement]) -> float:
-    return statistics.median(m.cpu_seconds / m.batches * 1000 for m in runs) if runs else float("nan")
+def _median_cpu_ms(runs: list[Measurement], field: str = "cpu_seconds") -> float:
+    """Median over ``runs`` of one CPU time, in ms per batch; NaN where it was not measured."""
+    values = [getattr(m, field) / m.batches * 1000 for m in runs if getattr(m, field) is not None and m.batches]
+    return statistics.median(values) if values else float("nan")
 
 
 def print_link_bench(results: dict, console: Any = None) -> None:
@@ -424,6 +470,10 @@ def print_link_bench(results: dict, console: Any = None) -> None:
         say(f"  {name}: per batch {r['bare_ms_per_batch']:.3f} ms bare, {r['protocol_ms_per_batch']:.3f} ms through the "
             f"protocol; process CPU {r['bare_cpu_ms_per_batch']:.3f} ms bare, {r['protocol_cpu_ms_per_batch']:.3f} ms "
             f"protocol; batches the receiver delivered: {r['protocol_delivered']}")
+        say(f"    receiving thread CPU {r['bare_server_thread_cpu_ms_per_batch']:.3f} ms bare, "
+            f"{r['protocol_server_thread_cpu_ms_per_batch']:.3f} ms Receiver; sending thread "
+            f"{r['bare_device_thread_cpu_ms_per_batch']:.3f} ms bare, {r['protocol_device_thread_cpu_ms_per_batch']:.3f} ms "
+            f"DeviceClient")
     say(f"  receiver work per batch, timed alone: decode + validation {cost['decode_validate_ms']:.3f} ms; scans of the "
         f"hidden array: float min+max {cost['float_min_max_ms']:.3f} ms, isfinite {cost['isfinite_ms']:.3f} ms, "
         f"integer max of the bit patterns {cost['bits_max_ms']:.3f} ms")
