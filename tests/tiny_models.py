@@ -24,13 +24,21 @@ def build_tokenizer():
     return tok
 
 
-def make_tiny_model(folder: Path, family: str, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
-    """Save a random-weight model of ``family`` ("gpt2" or "llama") with its tokenizer into ``folder``."""
+#: Gemma 3's blocks: sliding-window attention with a full-attention block between, as in the real
+#: model's 5:1 pattern but denser, so every split point has both kinds on each side.
+GEMMA3_LAYER_TYPES = ("sliding_attention", "sliding_attention", "full_attention") * 2
+GEMMA3_SLIDING_WINDOW = 4
+
+
+def make_tiny_model(folder: Path, family: str, layers: int | None = None, hidden: int = 64, seed: int = 0) -> Path:
+    """Save a random-weight model of ``family`` ("gpt2", "llama" or "gemma3") with its tokenizer into
+    ``folder``; ``layers`` defaults to 4 (6 for gemma3, two rounds of its attention pattern)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     vocab_size = len(SPECIAL) + len(WORDS)
+    layers = layers if layers is not None else (len(GEMMA3_LAYER_TYPES) if family == "gemma3" else 4)
     if family == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab_size, n_layer=layers, n_embd=hidden, n_head=4, n_positions=128,
@@ -42,9 +50,23 @@ def make_tiny_model(folder: Path, family: str, layers: int = 4, hidden: int = 64
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             tie_word_embeddings=True, bos_token_id=2, eos_token_id=2, pad_token_id=0,
         )
+    elif family == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            vocab_size=vocab_size, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+            sliding_window=GEMMA3_SLIDING_WINDOW, layer_types=list(GEMMA3_LAYER_TYPES * layers)[:layers],
+            rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, max_position_embeddings=128,
+            tie_word_embeddings=True, bos_token_id=2, eos_token_id=2, pad_token_id=0,
+        )
     else:
         raise ValueError(family)
     model = transformers.AutoModelForCausalLM.from_config(config)
+    if family == "gemma3":
+        # Gemma norms start at weight 0 (a scale of 1 + 0); random weights make the "1 +" matter.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.3)
     model.save_pretrained(folder)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(), pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"

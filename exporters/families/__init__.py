@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from sftool.errors import SftoolError
 from sftool.exporters.families.base import FamilyAdapter
+from sftool.exporters.families.gemma3 import Gemma3Adapter
 from sftool.exporters.families.gpt2 import GPT2Adapter
 from sftool.exporters.families.llama import LlamaAdapter
 
-_ADAPTERS: tuple[FamilyAdapter, ...] = (GPT2Adapter(), LlamaAdapter())
+_ADAPTERS: tuple[FamilyAdapter, ...] = (GPT2Adapter(), LlamaAdapter(), Gemma3Adapter())
 
 
 def adapter_for(model_type: str) -> FamilyAdapter:
