@@ -9,7 +9,7 @@ from typing import Any
 from sftool.errors import SftoolError
 
 #: Built-in names resolved through asset provisioning (registry packages, never the hub).
-BUILTIN_MODELS = ("smollm2-135m-instruct",)
+BUILTIN_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -62,7 +62,16 @@ def load_model(source: str, head: str = "base", num_labels: int = 2, pad_token_i
             kwargs["pad_token_id"] = pad_token_id
     transformers.logging.set_verbosity_error()  # "newly initialized score weights" is expected here
     try:
-        model = classes[head].from_pretrained(location, torch_dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+        model, info = classes[head].from_pretrained(
+            location, torch_dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True, **kwargs
+        )
+        if head == "base" and info["missing_keys"]:
+            # Some bare backbones (Gemma3TextModel) do not find their weights under a CausalLM
+            # checkpoint's prefix and would come out random; the CausalLM class finds them, and
+            # callers take the backbone out of it (FamilyAdapter.backbone).
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                location, torch_dtype=torch.float32, attn_implementation="sdpa", **kwargs
+            )
     except (OSError, ValueError) as exc:
         raise SftoolError(f"cannot load model {source}: {_first_line(exc)}") from None
     finally:
