@@ -120,10 +120,16 @@ def test_corrupt_artifacts_are_detected(tiny_artifacts, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_artifacts("gpt2"), copy)
     data = json.loads((copy / "manifest.json").read_text())
-    with open(copy / "device.onnx", "ab") as fh:
-        fh.write(b"\0")
     from sftool.errors import SftoolError
 
+    original = (copy / "device.onnx").read_bytes()
+    with open(copy / "device.onnx", "ab") as fh:  # a partial or padded copy: caught by its size
+        fh.write(b"\0")
+    with pytest.raises(SftoolError, match="bytes"):
+        load_manifest(copy)
+    flipped = bytearray(original)  # same size, one byte changed: caught by its sha256
+    flipped[len(flipped) // 2] ^= 0xFF
+    (copy / "device.onnx").write_bytes(bytes(flipped))
     with pytest.raises(SftoolError, match="sha256"):
         load_manifest(copy)
     assert data["format_version"] == 1
