@@ -345,6 +345,7 @@ class DeviceClient:
                 redo = (set(self._acked) | set(self._unacked)) - self._done
                 self.report.resent += len(redo)
                 self._acked = {seq: n for seq, n in self._acked.items() if seq in self._done}
+                self.report.batches_acked, self.report.samples_acked = len(self._acked), sum(self._acked.values())
                 self._unacked.clear()
                 todo = [seq for seq in plan.seqs() if seq not in self._done]
                 position = 0
@@ -382,9 +383,10 @@ class DeviceClient:
         if header.type == MsgType.ACK:
             batch = self._unacked.pop(header.fields.get("seq"), None)
             if batch is not None:  # a duplicate ACK after a resend is harmless
+                if batch.seq not in self._acked:  # a running total: summing every ACK would grow with the run
+                    self.report.samples_acked += batch.samples
                 self._acked[batch.seq] = batch.samples
                 self.report.batches_acked = len(self._acked)
-                self.report.samples_acked = sum(self._acked.values())
                 if on_ack:
                     on_ack(batch)
         elif header.type == MsgType.ERROR:

@@ -21,7 +21,7 @@ those apply to the model only, the real runs stay on loopback. The model's clock
 devices' first compute to the server's last step, so its total is set against the training span.
 The runs use ``--mixing fifo`` (the model's FIFO buffer) unless told otherwise. What the model
 leaves out shows on runs of a few seconds: process start-up, thread and ZeroMQ hand-offs, and the
-receiver thread's 50 ms poll, which delays each ACK of the sequential schedule by ~25 ms on average.
+receiver thread's 5 ms poll, which delays each ACK of the sequential schedule by ~2.5 ms on average.
 
 SplitLoRA and FedLoRA have no real-process path: the wire protocol has no reply carrying a
 gradient or an adapter back to a device. For those two only the model's figure exists, driven by
