@@ -23,11 +23,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def proc_status_mb(key: str) -> float:
-    """A memory figure of this process from /proc/self/status in MB (``VmRSS``, ``VmHWM`` = peak RSS);
-    NaN where there is no /proc."""
+def proc_status_mb(key: str, pid: int | str = "self") -> float:
+    """A memory figure of this process (or ``pid``) from /proc/PID/status in MB (``VmRSS``, ``VmHWM`` =
+    peak RSS); NaN where there is no /proc."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(f"/proc/{pid}/status") as fh:
             for line in fh:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024

@@ -52,7 +52,7 @@ from sftool.bench_link import (
 )
 from sftool.errors import SftoolError
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
-from sftool.runtime.files import cpu_name
+from sftool.runtime.files import cpu_name, proc_status_mb
 from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
 
 __all__ = ["FloodBenchConfig", "MemoryBound", "memory_bound", "run_flood_bench", "print_flood_bench", "write_results"]
@@ -272,15 +272,8 @@ def serve_child(spec: str) -> None:
 
 
 def _status_mb(pid: int, key: str) -> float:
-    """A memory figure of process ``pid`` from /proc/PID/status in MB; NaN where there is none."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """A memory figure of process ``pid`` in MB; NaN where there is none."""
+    return proc_status_mb(key, pid)
 
 
 class ServerChild:
