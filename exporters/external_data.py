@@ -50,9 +50,12 @@ def model_files(model: Path) -> list[Path]:
     return [model, *(model.parent / loc for loc in data_locations(model))]
 
 
-def model_bytes(model: Path) -> int:
-    """Size of ``model`` with its external data, in bytes."""
-    return sum(p.stat().st_size for p in model_files(model))
+def model_bytes(model: Path, locations: list[str] | None = None) -> int:
+    """Size of ``model`` with its external data, in bytes (``locations``: its ``data_locations``,
+    where the caller has them; reading them parses the graph)."""
+    model = Path(model)
+    locations = data_locations(model) if locations is None else locations
+    return model.stat().st_size + sum((model.parent / loc).stat().st_size for loc in locations)
 
 
 def remove_model(model: Path) -> None:
@@ -91,12 +94,11 @@ def place_weights(model: Path, threshold: int) -> None:
     data is also kept as it is."""
     model = Path(model)
     locations = data_locations(model)
-    external = wants_external(model_bytes(model), threshold)
+    external = wants_external(model_bytes(model, locations), threshold)
     if locations == ([data_file(model).name] if external else []) or (locations and not external):
         return
-    old = model_files(model)
     proto = onnx.load(str(model))
-    for path in old:
+    for path in [model, *(model.parent / loc for loc in locations)]:
         path.unlink()
     save_model(proto, model, external)
 

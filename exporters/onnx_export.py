@@ -144,8 +144,9 @@ def _export_onnx(
         )
     if dynamo:
         _release_matched_graphs()
-    # The torchscript exporter writes one file per tensor past 2 GiB and none below: one data file or none.
-    place_weights(path, external_data_threshold)
+    else:
+        # The torchscript exporter writes one file per tensor past 2 GiB and none below: one data file or none.
+        place_weights(path, external_data_threshold)
 
 
 def parity_inputs(vocab_size: int, shapes: list[tuple[int, int]], seed: int, pad_id: int):
@@ -350,7 +351,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             int8_source = staging / f".{DEVICE_ONNX}.int8-source"
             _export_onnx(prepared, int8_source, opts.exporter, opts.opset, tuple(map(torch.from_numpy, example)), threshold)
             # Only ONNX files are needed from here on: free the PyTorch weights before onnxruntime's
-            # quantizer makes its copies of the model (about 3.7x its size at the peak).
+            # quantizer makes its copies of the model (about 4x its size at the peak).
             del prepared, device_part
             gc.collect()
             variants += quantize_variants(

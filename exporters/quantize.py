@@ -141,15 +141,16 @@ def ort_optimize(src: Path, dst: Path, level: str = "extended", external_data_th
     options.graph_optimization_level = levels[level]
     options.optimized_model_filepath = str(tmp)
     data_file(dst).unlink(missing_ok=True)
-    external = wants_external(model_bytes(src), external_data_threshold)
+    locations = data_locations(src)
+    external = wants_external(model_bytes(src, locations), external_data_threshold)
     # A source with external data is saved with external data too, whatever its size: onnxruntime
     # would otherwise save references into the source's data file, which is deleted after this.
-    if external or data_locations(src):
+    if external or locations:
         # Named for the final file: the saved graph refers to its data file by name.
         ort_external_options(options, dst)
     try:
         ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
-        if not external and data_locations(tmp):
+        if not external and data_file(dst).exists():
             make_inline(tmp)  # e.g. an int8 model quantized from a >2 GB source: ~4x smaller
     except Exception as exc:  # ORT raises its own exception types
         tmp.unlink(missing_ok=True)
