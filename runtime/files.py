@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -21,6 +23,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def write_json(path: Path | str, data: Any) -> Path:
+    """``data`` as indented JSON at ``path`` (folders made, written atomically); values JSON does not know
+    (paths, numpy scalars) are written as their str."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return path
 
 
 def proc_status_mb(key: str, pid: int | str = "self") -> float:

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
-from sftool.runtime.files import atomic_write_text, cpu_name, proc_status_mb
+from sftool.runtime.files import cpu_name, proc_status_mb
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PATHS = ("ort_int8", "ort_fp32", "torch_forward", "splitlora_device", "fedlora_device")
@@ -497,10 +497,6 @@ def print_device_bench(results: dict, console=None) -> None:
         console.print(view)
 
 
-def write_results(results: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,14 +48,13 @@ from sftool.bench_link import (
     PrecomputedPlan,
     _accepted,
     _size,
-    write_results,
 )
 from sftool.errors import SftoolError
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
 from sftool.runtime.files import cpu_name, proc_status_mb
 from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
 
-__all__ = ["FloodBenchConfig", "MemoryBound", "memory_bound", "run_flood_bench", "print_flood_bench", "write_results"]
+__all__ = ["FloodBenchConfig", "MemoryBound", "memory_bound", "run_flood_bench", "print_flood_bench"]
 
 #: The server's ACK policies this bench can stand in for (``sftool serve``: taken when pipelined).
 ACK_POLICIES = ("taken", "queued")
@@ -266,14 +265,9 @@ def serve_child(spec: str) -> None:
                        "state": s.state} for name, s in receiver.snapshot().items()}
     _emit(stdout, event="result", alive=alive, stopped=stopped, drained=drainer.taken,
           seconds=time.monotonic() - started, errors_sent=receiver.errors_sent, bytes_received=receiver.bytes_received,
-          sessions=sessions, vmhwm_mb=_status_mb(os.getpid(), "VmHWM"))
+          sessions=sessions, vmhwm_mb=proc_status_mb("VmHWM", os.getpid()))
     if stopped:
         context.term()
-
-
-def _status_mb(pid: int, key: str) -> float:
-    """A memory figure of process ``pid`` in MB; NaN where there is none."""
-    return proc_status_mb(key, pid)
 
 
 class ServerChild:
@@ -316,7 +310,7 @@ class ServerChild:
 
     def _sample(self) -> None:
         while not self.done.is_set():
-            rss = _status_mb(self.proc.pid, "VmRSS")
+            rss = proc_status_mb("VmRSS", self.proc.pid)
             if not math.isnan(rss):
                 self.rss.append((time.monotonic() - self._started, rss))
                 self.peak_sampled_mb = max(self.peak_sampled_mb, rss)

@@ -20,20 +20,18 @@ the sending thread over the same span, which says which side's Python bounds the
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import zmq
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
-from sftool.runtime.files import atomic_write_text, cpu_name
+from sftool.runtime.files import cpu_name
 from sftool.runtime.protocol import MsgType, batch_arrays, decode_batch, decode_header, encode
 
 #: The protocol's goodput must reach this fraction of the bare loop's, on every transport.
@@ -478,8 +476,3 @@ def print_link_bench(results: dict, console: Any = None) -> None:
         f"hidden array: float min+max {cost['float_min_max_ms']:.3f} ms, isfinite {cost['isfinite_ms']:.3f} ms, "
         f"integer max of the bit patterns {cost['bits_max_ms']:.3f} ms")
 
-
-def write_results(results: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")

@@ -636,8 +636,3 @@ def print_time_bench(results: dict[str, Any], console=None) -> None:
 def _load(avg) -> str:
     return f"{avg[0]:.2f}" if avg else "?"
 
-
-def write_results(results: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")

@@ -17,6 +17,15 @@ def _group() -> None:
     """Benchmarks: timings are medians of interleaved repetitions on this machine."""
 
 
+def _save(results: dict, out: Optional[Path]) -> None:
+    """With ``--out``, the results as JSON too."""
+    if out:
+        from sftool.runtime.files import write_json
+
+        write_json(out, results)
+        typer.echo(f"wrote {out}")
+
+
 @app.command()
 def device(
     model: Optional[str] = typer.Option(None, help="Model (default: the export's source with --artifacts, else smollm2-135m-instruct)."),
@@ -36,7 +45,7 @@ def device(
 ) -> None:
     """A SplitFrozen device (ONNX int8) vs ONNX fp32, torch forward, SplitLoRA and FedLoRA devices: time, memory, wire bytes."""
     from rich.console import Console
-    from sftool.bench_device import PATHS, DeviceBenchConfig, print_device_bench, run_device_bench, write_results
+    from sftool.bench_device import PATHS, DeviceBenchConfig, print_device_bench, run_device_bench
 
     err = Console(stderr=True, highlight=False)
     try:
@@ -51,9 +60,7 @@ def device(
     except SftoolError as exc:
         raise exit_for(exc) from None
     print_device_bench(results)
-    if out:
-        write_results(results, out)
-        typer.echo(f"wrote {out}")
+    _save(results, out)
 
 
 @app.command()
@@ -71,12 +78,10 @@ def server(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON."),
 ) -> None:
     """The server side by side: decomposed vs naive backward, full server path vs bare loop, pipelined vs sequential."""
-    import json
     import tempfile
 
     from rich.console import Console
     from sftool.bench_server import BenchConfig, print_server_bench, run_server_bench
-    from sftool.runtime.files import atomic_write_text
 
     err = Console(stderr=True, highlight=False)
     try:
@@ -88,9 +93,7 @@ def server(
     except SftoolError as exc:
         raise exit_for(exc) from None
     print_server_bench(results, Console())
-    if out:
-        atomic_write_text(out, json.dumps(results, indent=2, default=str) + "\n")
-        typer.echo(f"wrote {out}")
+    _save(results, out)
 
 
 def _device_shards(data: Optional[Path], devices: int, rows: int, folder: Path) -> list[Path]:
@@ -134,7 +137,7 @@ def time_(
     """Total training time with devices slowed to edge speed: real processes vs the time model, all four methods."""
     from rich.console import Console
     from rich.markup import escape
-    from sftool.bench_time import TimeBenchConfig, print_time_bench, run_time_bench, write_results
+    from sftool.bench_time import TimeBenchConfig, print_time_bench, run_time_bench
 
     err = Console(stderr=True, highlight=False)
     try:
@@ -146,9 +149,7 @@ def time_(
     except SftoolError as exc:
         raise exit_for(exc) from None
     print_time_bench(results)
-    if out:
-        write_results(results, out)
-        typer.echo(f"wrote {out}")
+    _save(results, out)
 
 
 @app.command()
@@ -166,7 +167,7 @@ def link(
 ) -> None:
     """Goodput of the device-server protocol vs a bare pyzmq DEALER/ROUTER loop on loopback, plain TCP and CurveZMQ."""
     from rich.console import Console
-    from sftool.bench_link import DTYPES, TRANSPORTS, LinkBenchConfig, print_link_bench, run_link_bench, write_results
+    from sftool.bench_link import DTYPES, TRANSPORTS, LinkBenchConfig, print_link_bench, run_link_bench
 
     err = Console(stderr=True, highlight=False)
     chosen = tuple(t.strip() for t in transports.split(",") if t.strip())
@@ -185,9 +186,7 @@ def link(
     except SftoolError as exc:
         raise exit_for(exc) from None
     print_link_bench(results)
-    if out:
-        write_results(results, out)
-        typer.echo(f"wrote {out}")
+    _save(results, out)
 
 
 @app.command()
@@ -209,7 +208,7 @@ def flood(
     """A load test of the server's receiver: every device served, peak server memory beside its configured bound."""
     from rich.console import Console
     from rich.markup import escape
-    from sftool.bench_flood import FloodBenchConfig, print_flood_bench, run_flood_bench, write_results
+    from sftool.bench_flood import FloodBenchConfig, print_flood_bench, run_flood_bench
 
     err = Console(stderr=True, highlight=False)
     cfg = FloodBenchConfig(devices=devices, flooders=flooders, seconds=seconds, batches=batches, batch=batch,
@@ -224,9 +223,7 @@ def flood(
     except SftoolError as exc:
         raise exit_for(exc) from None
     print_flood_bench(results)
-    if out:
-        write_results(results, out)
-        typer.echo(f"wrote {out}")
+    _save(results, out)
 
 
 @app.command()
@@ -239,13 +236,11 @@ def fuzz(
     """Fuzz the device-server link: mutated messages and protocol abuses against a real receiver on loopback."""
     from rich.console import Console
     from rich.markup import escape
-    from sftool.link_fuzz import print_fuzz, run_campaign, write_results
+    from sftool.link_fuzz import print_fuzz, run_campaign
 
     if messages < 1:
         raise exit_for(SftoolError("--messages must be >= 1")) from None
     err = Console(stderr=True, highlight=False)
     results = run_campaign(messages, seed, log=lambda m: err.print(f"[dim]fuzz:[/] {escape(m)}"), scenarios=scenarios)
     print_fuzz(results)
-    if out:
-        write_results(results, out)
-        typer.echo(f"wrote {out}")
+    _save(results, out)

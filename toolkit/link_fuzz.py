@@ -2077,14 +2077,6 @@ def summary_lines(results: dict) -> list[str]:
     return lines
 
 
-def write_results(results: dict, path: Any) -> None:
-    from pathlib import Path
-
-    from sftool.runtime.files import atomic_write_text
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

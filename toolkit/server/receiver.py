@@ -424,7 +424,7 @@ class Receiver(threading.Thread):
             device, why = self._flags.get_nowait()
             session = self.sessions.get(device)
             if session is not None and not session.banned:
-                offender = (self.device_keys or {}).get(device, "").encode() if self.device_keys is not None else session.routing_id
+                offender = self.device_keys.get(device, "").encode() if self.device_keys is not None else session.routing_id
                 self._refuse(session.routing_id, ProtocolError(ErrorCode.BAD_VALUES, why), offender)
 
     def _check_key(self, frame: zmq.Frame, header: Header, routing_id: bytes) -> None:
