@@ -12,10 +12,10 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-import zmq
+from link_helpers import RawDevice
 from sftool.runtime.device_client import ClientConfig, DeviceClient
 from sftool.runtime.manifest import Manifest
-from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
+from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, encode
 from sftool.server.activation_cache import ActivationCache
 from sftool.server.receiver import AcceptedSplit, LinkLimits, Receiver
 from sftool.server.trainer import Trainer
@@ -55,19 +55,7 @@ def link():
         receiver.join_stopped(5)
 
 
-class Device:
-    def __init__(self, endpoint: str, name: str):
-        self.name = name
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, frames):
-        self.sock.send_multipart([bytes(f) for f in frames])
-
-    def recv(self, timeout_ms: int = 3000):
-        assert self.sock.poll(timeout_ms), "no reply from the server"
-        return decode_header(self.sock.recv_multipart()[0])
+class Device(RawDevice):
 
     def hello(self, expect=MsgType.WELCOME, **fields):
         fields = {"manifest_sha256": SHA, "split": 2, "precision": "fp32/any", "wire_dtype": "fp16", **fields}

@@ -9,10 +9,10 @@ import time
 import msgpack
 import numpy as np
 import pytest
-import zmq
+from link_helpers import RawDevice
 from sftool.runtime.device_client import ClientConfig, DeviceClient
 from sftool.runtime.manifest import load_manifest, manifest_sha256
-from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, decode_header, encode
+from sftool.runtime.protocol import ErrorCode, MsgType, batch_arrays, encode
 from sftool.server.receiver import AcceptedSplit, Receiver
 
 
@@ -31,19 +31,7 @@ def server(tiny_artifacts):
     receiver.join_stopped(5)
 
 
-class Device:
-    def __init__(self, endpoint: str, name: str):
-        self.name = name
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, frames):
-        self.sock.send_multipart([bytes(f) for f in frames])
-
-    def recv(self, timeout_ms: int = 3000):
-        assert self.sock.poll(timeout_ms), "no reply from the server"
-        return decode_header(self.sock.recv_multipart()[0])
+class Device(RawDevice):
 
     def hello(self, sha: str, split: int):
         self.send(encode(MsgType.HELLO, self.name, manifest_sha256=sha, split=split, precision="fp32/any", wire_dtype="fp16"))
