@@ -29,6 +29,16 @@ def tiny_llama(**overrides) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(**{**fields, **overrides})
 
 
+def tiny_gemma3(**overrides) -> transformers.Gemma3TextConfig:
+    """The hand-count shapes as Gemma 3: a sliding-window block (window 2) before a full-attention one."""
+    fields = dict(
+        vocab_size=32, num_hidden_layers=L, hidden_size=H, intermediate_size=FF, num_attention_heads=NH,
+        num_key_value_heads=NKV, head_dim=DH, sliding_window=2, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0, num_labels=C,
+    )
+    return transformers.Gemma3TextConfig(**{**fields, **overrides})
+
+
 def tiny_gpt2(**overrides) -> transformers.GPT2Config:
     fields = dict(vocab_size=32, n_layer=3, n_embd=16, n_head=2, n_positions=64, pad_token_id=0, num_labels=C)
     return transformers.GPT2Config(**{**fields, **overrides})
@@ -164,6 +174,7 @@ def gpt2_a_grad(g: int, r: int, tokens: float) -> float:
     [
         (tiny_llama(num_hidden_layers=4), 1, [3, 5]),
         (tiny_llama(num_hidden_layers=4), 3, [7]),
+        (tiny_gemma3(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2), 1, [3, 5]),
         (tiny_gpt2(), 2, [4, 9, 2]),
     ],
 )
@@ -179,7 +190,7 @@ def test_relations(config, split, lens):
 
     tokens = sum(lens) / len(lens)
     layers = config.num_hidden_layers
-    if config.model_type == "llama":
+    if config.model_type in ("llama", "gemma3_text"):
         lora_fwd_per_block = LORA_FWD / TOK * tokens  # same widths and targets as the hand-count model, rank R
         lora_fwd_per_block *= r / R
         a_grad = layers * LORA_A_GRAD / TOK * tokens * r / R
@@ -196,6 +207,18 @@ def test_relations(config, split, lens):
     assert sf.device_forward + sf.server_forward == pytest.approx(
         fl.device_forward - split * lora_fwd_per_block, rel=1e-12
     )
+
+
+def test_gemma3_sliding_window_pairs_by_hand():
+    # Window 2 over rows of 3 and 5 tokens: 1+2+2 and 1+2+2+2+2 pairs in block 0, T(T+1)/2 in block 1.
+    attention = {t.block: t.flops for t in flop_terms(tiny_gemma3(), "centralized", None, LENS, R, None, C)
+                 if t.kind == "attention" and t.phase == "forward"}
+    per_pair = 2 * (2 * DH * NH)
+    assert attention == {0: per_pair * (5 + 9) / 2, 1: per_pair * PAIRS}
+    # The rest is Llama's inventory: same GEMMs, same LoRA terms.
+    gemma = [t for t in flop_terms(tiny_gemma3(), "splitlora", 1, LENS, R, None, C) if t.kind != "attention"]
+    llama = [t for t in flop_terms(tiny_llama(), "splitlora", 1, LENS, R, None, C) if t.kind != "attention"]
+    assert gemma == llama
 
 
 def test_gpt2_n_inner_and_c_proj_matching():
@@ -219,6 +242,9 @@ def real_model(config):
     if config.model_type == "llama":
         model = transformers.LlamaForSequenceClassification(config)
         return model, model.model.layers
+    if config.model_type == "gemma3_text":
+        model = transformers.Gemma3TextForSequenceClassification(config)
+        return model, model.model.layers
     model = transformers.GPT2ForSequenceClassification(config)
     return model, model.transformer.h
 
@@ -234,7 +260,8 @@ def linear_widths(module) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(
-    ("config", "split"), [(tiny_llama(num_hidden_layers=3, head_dim=6), 2), (tiny_gpt2(n_inner=40), 2)]
+    ("config", "split"),
+    [(tiny_llama(num_hidden_layers=3, head_dim=6), 2), (tiny_gemma3(head_dim=6), 1), (tiny_gpt2(n_inner=40), 2)],
 )
 def test_forward_gemms_match_real_module_shapes(config, split):
     from torch import nn
@@ -329,23 +356,29 @@ def measured(config, method: str, split: int | None, length: int, rank: int) -> 
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_counts_match_autograd(family, method):
     # Eager attention: the counter then sees the attention matmuls, over all T*T pairs (the mask does not
-    # save work there), where the contract counts T(T+1)/2 causal pairs.
-    config = (
-        tiny_llama(num_hidden_layers=3, head_dim=6, attn_implementation="eager")
-        if family == "llama"
-        else tiny_gpt2(n_inner=40, attn_implementation="eager")
-    )
-    split = 2 if method in ("splitfrozen", "splitlora") else None
+    # save work there), where the contract counts T(T+1)/2 causal pairs, or fewer in a sliding window.
     length, rank = 5, 3
+    if family == "llama":
+        config = tiny_llama(num_hidden_layers=3, head_dim=6, attn_implementation="eager")
+        counted_pairs = [length * (length + 1) / 2] * 3
+    elif family == "gemma3":
+        config = tiny_gemma3(
+            num_hidden_layers=3, head_dim=6, sliding_window=3, attn_implementation="eager",
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+        counted_pairs = [1 + 2 + 3 + 3 + 3, length * (length + 1) / 2, 1 + 2 + 3 + 3 + 3]  # by hand, window 3
+    else:
+        config = tiny_gpt2(n_inner=40, attn_implementation="eager")
+        counted_pairs = [length * (length + 1) / 2] * 3
+    split = 2 if method in ("splitfrozen", "splitlora") else None
     real = measured(config, method, split, length, rank)
-    full_over_causal = length * length / (length * (length + 1) / 2)
     expected: dict[tuple[str, str], float] = {}
     for t in flop_terms(config, method, split, [length], rank, None, C):
-        scale = full_over_causal if t.kind == "attention" else 1.0
+        scale = length * length / counted_pairs[t.block] if t.kind == "attention" else 1.0
         expected[(t.side, t.phase)] = expected.get((t.side, t.phase), 0) + t.flops * scale
     assert set(real) | set(expected) == set(expected)
     for key, value in expected.items():

@@ -1,7 +1,7 @@
 """Counted FLOPs per sample of each training method, on the device and on the server.
 
-The count is analytic: it reads the shapes from a transformers config (``model_type`` "llama" or
-"gpt2") and never builds a model. It is the contract below, nothing measured.
+The count is analytic: it reads the shapes from a transformers config (``model_type`` "llama",
+"gemma3_text" or "gpt2") and never builds a model. It is the contract below, nothing measured.
 
 Methods and where their work runs (L blocks, split k, LoRA of rank r on the ``lora_targets``):
 
@@ -34,10 +34,11 @@ Formulas (per token unless said otherwise; in, out: a weight's input and output 
   A trains (the first stage of the first trained block), dh is still computed, for dA alone; it is
   counted, so freezing A (``ffa``) saves exactly dA everywhere plus dh there.
 * Attention, per block and per sample of T real tokens, causal: QKᵀ costs 2·d_head·n_heads·T(T+1)/2
-  and the weighted sum AV the same; its backward costs twice its forward, counted iff a trainable
-  parameter lies before it (in an earlier block, or on the projections that feed it). Twice is exact
-  when the gradient must reach q, k and v alike (default targets, or any trained block below); with
-  LoRA on v alone in the first trained block, autograd needs only dV = Pᵀ·dO and the count is an
+  and the weighted sum AV the same; a sliding-window block (Gemma 3's ``sliding_attention``, window W:
+  query i sees keys i-W+1..i) counts Σ_i min(i+1, W) pairs instead of T(T+1)/2. Its backward costs
+  twice its forward, counted iff a trainable parameter lies before it (in an earlier block, or on the
+  projections that feed it). Twice is exact when the gradient must reach q, k and v alike (default
+  targets, or any trained block below); with LoRA on v alone in the first trained block, autograd needs only dV = Pᵀ·dO and the count is an
   upper bound there.
 * Classification head ``score`` (H, C): applied to one token per sample (the last real one), so its
   forward, weight gradient and input gradient cost 2·H·C per sample each.
@@ -52,7 +53,8 @@ GEMMs are linear in T and attention quadratic; a sample's count is the sum over 
 reported number is the mean per sample over the given lengths.
 
 Per-block GEMM inventory (stage in brackets; attention is stage 1):
-llama: q_proj, k_proj, v_proj [0], o_proj [2], gate_proj, up_proj [3], down_proj [4];
+llama and gemma3_text: q_proj, k_proj, v_proj [0], o_proj [2], gate_proj, up_proj [3], down_proj [4]
+(Gemma 3's extra norms, query/key norms included, are norms: ignored);
 gpt2: attn.c_attn [0], attn.c_proj [2], mlp.c_fc [3], mlp.c_proj [4].
 A LoRA target matches a module whose name within the block equals it or ends with "." + it, as peft
 matches: gpt2's "c_proj" names both attn.c_proj and mlp.c_proj.
@@ -138,6 +140,8 @@ class _Shape:
     heads: int
     head_dim: int
     gemms: tuple[Gemm, ...]
+    #: Per block: the sliding window (keys a query sees at most), or None for full causal attention.
+    windows: tuple[int | None, ...]
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ def _as_config(config: Any) -> Any:
 
 def _shape(config: Any) -> _Shape:
     model_type = getattr(config, "model_type", None)
-    if model_type == "llama":
+    if model_type in ("llama", "gemma3_text"):
         hidden = int(config.hidden_size)
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -175,7 +179,8 @@ def _shape(config: Any) -> _Shape:
             Gemm("mlp.up_proj", hidden, inter, 3),
             Gemm("mlp.down_proj", inter, hidden, 4),
         )
-        return _Shape(model_type, int(config.num_hidden_layers), hidden, heads, head_dim, gemms)
+        layers = int(config.num_hidden_layers)
+        return _Shape(model_type, layers, hidden, heads, head_dim, gemms, _windows(config, layers))
     if model_type == "gpt2":
         hidden = int(config.n_embd)
         heads = int(config.n_head)
@@ -186,8 +191,23 @@ def _shape(config: Any) -> _Shape:
             Gemm("mlp.c_fc", hidden, inner, 3),
             Gemm("mlp.c_proj", inner, hidden, 4),
         )
-        return _Shape(model_type, int(config.n_layer), hidden, heads, hidden // heads, gemms)
-    raise ValueError(f"model family {model_type!r} has no FLOP inventory (supported: gpt2, llama)")
+        layers = int(config.n_layer)
+        return _Shape(model_type, layers, hidden, heads, hidden // heads, gemms, (None,) * layers)
+    raise ValueError(f"model family {model_type!r} has no FLOP inventory (supported: gemma3_text, gpt2, llama)")
+
+
+def _windows(config: Any, layers: int) -> tuple[int | None, ...]:
+    """Each block's sliding window from ``layer_types`` (Gemma 3), None where attention is full."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+    window = getattr(config, "sliding_window", None)
+    return tuple(int(window) if t == "sliding_attention" and window else None for t in types[:layers])
+
+
+def _causal_pairs(seq_len: int, window: int | None) -> int:
+    """Query-key pairs of one causal row of ``seq_len`` tokens: query i sees min(i + 1, window) keys."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
 
 
 def gemm_inventory(config: Any) -> list[Gemm]:
@@ -249,8 +269,6 @@ def flop_terms(
 
     n = len(seq_lens)
     tokens = sum(int(t) for t in seq_lens) / n
-    # Causal query-key pairs: query i attends to keys 0..i.
-    pairs = sum(int(t) * (int(t) + 1) // 2 for t in seq_lens) / n
     r = lora_rank
     layers = shape.layers
     # Every LoRA block holds a trained factor (B always trains), so the first trainable position is the
@@ -264,8 +282,9 @@ def flop_terms(
         if flops:
             terms.append(FlopTerm(side, phase, block, module, kind, flops))
 
-    attention_forward = 2 * (2 * shape.head_dim * shape.heads * pairs)  # QK^T and AV
     for b in range(layers):
+        pairs = sum(_causal_pairs(int(t), shape.windows[b]) for t in seq_lens) / n
+        attention_forward = 2 * (2 * shape.head_dim * shape.heads * pairs)  # QK^T and AV
         side: Side = "device" if b < plan.device_blocks else "server"
         attention_done = False
         for g in sorted(shape.gemms, key=lambda g: g.stage):
