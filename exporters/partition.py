@@ -10,6 +10,7 @@ from sftool.errors import SftoolError
 from sftool.exporters.families.base import FamilyAdapter, position_ids_from_mask
 from sftool.exporters.token_layout import TokenLayout
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def check_split(split: int, num_layers: int) -> None:
@@ -79,6 +80,10 @@ class BlockRunner(nn.Module):
         self.embeddings = nn.ModuleDict(adapter.embedding_modules(backbone))
         self.blocks = adapter.layers(backbone)
         self.norm = adapter.final_norm(backbone)
+        #: Activation recomputation: while autograd records, keep only each block's input and run the
+        #: block again in the backward (``torch.utils.checkpoint``), trading one more forward of the
+        #: trained blocks for their internal activations, which dominate server memory at long rows.
+        self.recompute = False
 
     def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         return self.adapter.context(self.embeddings, hidden, attention_mask, position_ids_from_mask(attention_mask))
@@ -88,8 +93,14 @@ class BlockRunner(nn.Module):
     ) -> torch.Tensor:
         end = len(self.blocks) if end is None else end
         context = self.context(hidden, attention_mask)
+        recompute = self.recompute and torch.is_grad_enabled()
         for i in range(start, end):
-            hidden = self.adapter.run_layer(self.blocks[i], hidden, context)
+            if recompute:
+                # Non-reentrant: works when the input needs no gradient (received activations), and it
+                # replays the saved RNG state, so LoRA dropout draws the same mask in the recomputation.
+                hidden = checkpoint(self.adapter.run_layer, self.blocks[i], hidden, context, use_reentrant=False)
+            else:
+                hidden = self.adapter.run_layer(self.blocks[i], hidden, context)
         return self.norm(hidden) if norm and end == len(self.blocks) else hidden
 
 

@@ -5,7 +5,9 @@
     vs the full graph (every weight requires grad): time per step and peak memory;
 (b) the server's training throughput through the whole receive -> validate -> queue -> mix ->
     train path vs a bare PyTorch loop over the same batches on the same layers;
-(c) pipelined vs sequential schedule: wall time of a run with 3 real device processes.
+(c) pipelined vs sequential schedule: wall time of a run with 3 real device processes;
+(d) block activations stored vs recomputed in the backward (``--recompute``): time per step and
+    peak memory at a long-row batch.
 
 Times are medians of interleaved repetitions; peak memory is measured in a fresh subprocess per
 variant (Linux VmHWM), since freed memory stays in the allocator and would blur in-process peaks.
@@ -53,13 +55,14 @@ def _reset_peak() -> None:
         pass
 
 
-def _server_model(cfg: BenchConfig):
+def _server_model(cfg: BenchConfig, recompute: bool = False, dropout: float = 0.0):
     from sftool.runtime.manifest import load_manifest
     from sftool.server.split_model import LoraSettings, SplitModelSpec, SplitServerModel
 
     manifest = load_manifest(cfg.artifacts, verify_files=False)
-    model = SplitServerModel(SplitModelSpec(cfg.model, 2, [manifest.split], manifest.pad_token_id, LoraSettings(dropout=0.0)))
-    return model, manifest
+    spec = SplitModelSpec(cfg.model, 2, [manifest.split], manifest.pad_token_id, LoraSettings(dropout=dropout),
+                          recompute=recompute)
+    return SplitServerModel(spec), manifest
 
 
 def _batches(cfg: BenchConfig, hidden_size: int, n: int, seed: int = 0):
@@ -103,13 +106,20 @@ def backward_step(model, mode: str) -> Callable[[object], None]:
     return step
 
 
-def measure_backward_memory(cfg: BenchConfig, mode: str) -> dict:
+#: Variants of (a): backward mode, recompute, LoRA dropout.
+BACKWARD_VARIANTS = {mode: (mode, False, 0.0) for mode in BACKWARD_MODES}
+#: Variants of (d): the default recipe's LoRA dropout, activations stored or recomputed.
+RECOMPUTE_DROPOUT = 0.05
+RECOMPUTE_VARIANTS = {"stored": ("decomposed", False, RECOMPUTE_DROPOUT), "recompute": ("decomposed", True, RECOMPUTE_DROPOUT)}
+
+
+def measure_backward_memory(cfg: BenchConfig, mode: str, recompute: bool = False, dropout: float = 0.0) -> dict:
     """Peak RSS of training steps in ``mode``, in this process (run it in a fresh subprocess)."""
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, manifest = _server_model(cfg)
+    model, manifest = _server_model(cfg, recompute, dropout)
     model.train()
     batches = [_train_batch(*b[:3]) for b in _batches(cfg, manifest.hidden_size, 3)]
     step = backward_step(model, mode)
@@ -122,48 +132,63 @@ def measure_backward_memory(cfg: BenchConfig, mode: str) -> dict:
     return {"mode": mode, "peak_rss_mb": peak, "step_extra_mb": peak - baseline}
 
 
-def bench_backward(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
+def _side_by_side(cfg: BenchConfig, variants: dict[str, tuple[str, bool, float]], baseline: str) -> dict:
+    """Median step time (interleaved, in this process) and peak memory (a fresh subprocess each) of
+    every variant (backward mode, recompute, dropout), with ratios to ``baseline``."""
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    log("(a) decomposed vs naive backward")
     batches = None
-    times: dict[str, list[float]] = {m: [] for m in BACKWARD_MODES}
-    models = {}
-    for mode in BACKWARD_MODES:
-        model, manifest = _server_model(cfg)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    steps = {}
+    for name, (mode, recompute, dropout) in variants.items():
+        model, manifest = _server_model(cfg, recompute, dropout)
         model.train()
-        models[mode] = backward_step(model, mode)
+        steps[name] = backward_step(model, mode)
         batches = batches or [_train_batch(*b[:3]) for b in _batches(cfg, manifest.hidden_size, 2)]
-        models[mode](batches[0])  # warm-up
+        steps[name](batches[0])  # warm-up
     for _ in range(cfg.repeats):
-        for mode in BACKWARD_MODES:  # interleaved, so machine noise hits every mode alike
+        for name in variants:  # interleaved, so machine noise hits every variant alike
+            torch.manual_seed(0)
             started = time.perf_counter()
-            models[mode](batches[1])
-            times[mode].append(time.perf_counter() - started)
+            steps[name](batches[1])
+            times[name].append(time.perf_counter() - started)
+    steps.clear()
     memory = {}
-    for mode in BACKWARD_MODES:
+    for name, (mode, recompute, dropout) in variants.items():
         code = (
             "import json,sys; from pathlib import Path; from sftool.bench_server import BenchConfig, measure_backward_memory;"
-            f"cfg=BenchConfig(**json.loads(sys.argv[1])); cfg.artifacts=Path(cfg.artifacts);"
-            f"print(json.dumps(measure_backward_memory(cfg, {mode!r})))"
+            "cfg=BenchConfig(**json.loads(sys.argv[1])); cfg.artifacts=Path(cfg.artifacts);"
+            f"print(json.dumps(measure_backward_memory(cfg, {mode!r}, {recompute!r}, {dropout!r})))"
         )
         arg = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()})
         out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True).stdout
-        memory[mode] = json.loads(out.strip().splitlines()[-1])
-    base_t = statistics.median(times["decomposed"])
-    base_m = memory["decomposed"]["step_extra_mb"]
+        memory[name] = json.loads(out.strip().splitlines()[-1])
+    base_t = statistics.median(times[baseline])
+    base_m = memory[baseline]["step_extra_mb"]
     return {
-        mode: {
-            "median_step_s": statistics.median(times[mode]),
-            "time_vs_decomposed": statistics.median(times[mode]) / base_t,
-            "peak_rss_mb": memory[mode]["peak_rss_mb"],
-            "step_extra_mb": memory[mode]["step_extra_mb"],
-            "memory_vs_decomposed": memory[mode]["step_extra_mb"] / base_m if base_m > 0 else float("nan"),
+        name: {
+            "median_step_s": statistics.median(times[name]),
+            "time_ratio": statistics.median(times[name]) / base_t,
+            "peak_rss_mb": memory[name]["peak_rss_mb"],
+            "step_extra_mb": memory[name]["step_extra_mb"],
+            "memory_ratio": memory[name]["step_extra_mb"] / base_m if base_m > 0 else float("nan"),
         }
-        for mode in BACKWARD_MODES
+        for name in variants
     }
+
+
+def bench_backward(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
+    log("(a) decomposed vs naive backward")
+    return _side_by_side(cfg, BACKWARD_VARIANTS, "decomposed")
+
+
+def bench_recompute(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
+    log(f"(d) stored vs recomputed block activations at batch {cfg.batch_size} x {cfg.seq_len} tokens")
+    rows = _side_by_side(cfg, RECOMPUTE_VARIANTS, "stored")
+    return {**rows, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lora_dropout": RECOMPUTE_DROPOUT,
+            "target_peak_mb": 3000, "target_time_ratio": 1.4}
 
 
 # -- (b) full server path vs bare loop ---------------------------------------------------------
@@ -265,7 +290,7 @@ def bench_schedules(cfg: BenchConfig, data_files: list[Path], log: Callable[[str
     return {"pipelined_s": p, "sequential_s": s, "pipelined_vs_sequential": p / s, "runs": walls}
 
 
-def run_server_bench(cfg: BenchConfig, data_files: list[Path], parts: str = "abc", log: Callable[[str], None] = print) -> dict:
+def run_server_bench(cfg: BenchConfig, data_files: list[Path], parts: str = "abcd", log: Callable[[str], None] = print) -> dict:
     """Run the selected parts and return their figures (also what the CLI prints and writes)."""
     results: dict = {"config": {k: str(v) for k, v in cfg.__dict__.items()}}
     if "a" in parts:
@@ -274,6 +299,8 @@ def run_server_bench(cfg: BenchConfig, data_files: list[Path], parts: str = "abc
         results["server_path"] = bench_server_path(cfg, log)
     if "c" in parts:
         results["schedules"] = bench_schedules(cfg, data_files, log)
+    if "d" in parts:
+        results["recompute"] = bench_recompute(cfg, log)
     return results
 
 
@@ -285,8 +312,8 @@ def print_server_bench(results: dict, console) -> None:
         for col in ("mode", "step s", "time ratio", "peak RSS MB", "step extra MB", "memory ratio"):
             t.add_column(col, justify="right")
         for mode, r in results["backward"].items():
-            t.add_row(mode, f"{r['median_step_s']:.4f}", f"{r['time_vs_decomposed']:.2f}x", f"{r['peak_rss_mb']:.0f}",
-                      f"{r['step_extra_mb']:.1f}", f"{r['memory_vs_decomposed']:.2f}x")
+            t.add_row(mode, f"{r['median_step_s']:.4f}", f"{r['time_ratio']:.2f}x", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['step_extra_mb']:.1f}", f"{r['memory_ratio']:.2f}x")
         console.print(t)
     if "server_path" in results:
         r = results["server_path"]
@@ -301,4 +328,15 @@ def print_server_bench(results: dict, console) -> None:
         for col in ("pipelined s", "sequential s", "pipelined / sequential"):
             t.add_column(col, justify="right")
         t.add_row(f"{r['pipelined_s']:.2f}", f"{r['sequential_s']:.2f}", f"{r['pipelined_vs_sequential']:.2f}x")
+        console.print(t)
+    if "recompute" in results:
+        r = results["recompute"]
+        t = Table(title=f"(d) activations stored vs recomputed (--recompute), batch {r['batch_size']} x {r['seq_len']} "
+                        f"tokens, LoRA dropout {r['lora_dropout']}")
+        for col in ("activations", "step s", "time ratio", "peak RSS MB", "step extra MB", "target"):
+            t.add_column(col, justify="right")
+        for name, target in (("stored", ""), ("recompute", f"< {r['target_peak_mb']} MB, <= {r['target_time_ratio']}x")):
+            v = r[name]
+            t.add_row(name, f"{v['median_step_s']:.3f}", f"{v['time_ratio']:.2f}x", f"{v['peak_rss_mb']:.0f}",
+                      f"{v['step_extra_mb']:.0f}", target)
         console.print(t)

@@ -67,7 +67,8 @@ def device(
 def server(
     model: str = typer.Option("smollm2-135m-instruct", help="The model the artifacts were exported from."),
     artifacts: Path = typer.Option(..., help="A device export of that model (its split is the server's)."),
-    parts: str = typer.Option("abc", help="Which parts: a (backward modes), b (server path vs bare loop), c (schedules)."),
+    parts: str = typer.Option("abcd", help="Which parts: a (backward modes), b (server path vs bare loop), "
+                              "c (schedules), d (stored vs recomputed activations)."),
     batch_size: int = typer.Option(8, help="Samples per batch."),
     seq_len: int = typer.Option(64, help="Tokens per sample of the synthetic activation batches (a, b)."),
     steps: int = typer.Option(20, help="Training steps per timed run (b)."),
@@ -77,7 +78,8 @@ def server(
     threads: Optional[int] = typer.Option(None, help="torch threads."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON."),
 ) -> None:
-    """The server side by side: decomposed vs naive backward, full server path vs bare loop, pipelined vs sequential."""
+    """The server side by side: decomposed vs naive backward, full server path vs bare loop, pipelined vs
+    sequential, stored vs recomputed activations."""
     import tempfile
 
     from rich.console import Console

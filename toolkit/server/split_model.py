@@ -40,6 +40,8 @@ class SplitModelSpec:
     lora: LoraSettings = field(default_factory=LoraSettings)
     #: Blocks that get LoRA; None: the server's blocks max(splits)..L-1 (SplitFrozen).
     lora_layers: Sequence[int] | None = None
+    #: Recompute each block's activations in the backward instead of keeping them (``BlockRunner.recompute``).
+    recompute: bool = False
 
     @property
     def resolved_task(self) -> Task:
@@ -76,6 +78,7 @@ class SplitServerModel(nn.Module):
             raise SftoolError(f"cannot apply LoRA to {sorted(config.target_modules)}: {exc}") from None
         hf_model = self.peft_model.base_model.model
         self.runner = BlockRunner(self.adapter, self.adapter.backbone(hf_model))
+        self.runner.recompute = spec.recompute
         # peft wraps the head in ModulesToSaveWrapper (trainable copy, saved with the adapter).
         self.head = self.task.head_module(hf_model)
         self.config = base.config
