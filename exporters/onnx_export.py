@@ -64,6 +64,8 @@ class ExportOptions:
     #: (ONNX external data; protobuf cannot hold more than 2 GiB in one file). Every data file is in
     #: the manifest's ``files``.
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    #: Also write ``device.decode.onnx``: the device part with a key/value cache, for generation.
+    with_decoder: bool = False
 
 
 def _prepare_out(out: Path) -> None:
@@ -327,6 +329,12 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
         if fp32.optimized:
             parities[fp32.optimized] = shape_parity(staging / fp32.optimized, device_part, inputs)  # as a device loads it
         log(f"parity ok: max abs diff {check_fp32_parity(parities):.2e}")
+        decoder = None
+        if opts.with_decoder:
+            from sftool.exporters.decoder_export import write_decoder
+
+            prompt = parity_inputs(vocab, [(2, min(7, max_seq_len))], opts.seed + 2, pad_id)[0][0]
+            decoder = write_decoder(device_part, staging, opts.opset, vocab, prompt, FP32_PARITY_TOLERANCE, log)
 
         tokenizer.save_pretrained(str(staging))
         # Every file's parity is also measured on real text, the same batch for all.
@@ -393,6 +401,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             parity=parity,
             activation_abs_max=activation_abs_max(reference, calibration[1]),
             created_by=f"sftool {__version__}",
+            decoder=decoder,
         )
         write_manifest(staging, manifest)
         if out.exists():

@@ -53,6 +53,22 @@ class DevicePart(nn.Module):
         # fused layers' is). A select, not a multiply by the mask: that leaves -0.0 under negative values.
         return hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0.0)
 
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+        """Hidden states [B, q, H] of q new tokens after the positions whose keys and values ``cache``
+        (a ``KeyValueCache``) holds, which the blocks extend. ``attention_mask`` [B, P+q] covers the cached
+        positions and the new ones. Prefill (P = 0) then single steps equals ``forward`` on the whole
+        sequence, padding positions zero as there."""
+        if self.fused:
+            raise SftoolError("the fused export layers do not take a key/value cache; decode with the plain part")
+        query_len = input_ids.shape[1]
+        position_ids = self.adapter.cached_position_ids(attention_mask, query_len)
+        hidden = self.adapter.embed(self.embeddings, input_ids, position_ids)
+        context = self.adapter.cached_context(self.embeddings, hidden, attention_mask, cache)
+        for block in self.blocks:
+            hidden = self.adapter.run_layer(block, hidden, context)
+        new_mask = attention_mask.narrow(1, attention_mask.shape[1] - query_len, query_len)
+        return hidden.masked_fill(~new_mask.bool().unsqueeze(-1), 0.0)
+
     def fused_for_export(self, max_seq_len: int) -> DevicePart:
         """A copy whose blocks are the family's fused export layers (``FamilyAdapter.fused_layers``),
         or an unchanged copy where the family has none. Only for export: it needs right padding."""
@@ -101,6 +117,19 @@ class BlockRunner(nn.Module):
                 hidden = checkpoint(self.adapter.run_layer, self.blocks[i], hidden, context, use_reentrant=False)
             else:
                 hidden = self.adapter.run_layer(self.blocks[i], hidden, context)
+        return self.norm(hidden) if norm and end == len(self.blocks) else hidden
+
+    def decode(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache, start: int, end: int | None = None,
+        norm: bool = True,
+    ) -> torch.Tensor:
+        """``forward`` on new positions only: ``hidden`` [B, q, H] follows the positions whose keys and
+        values ``cache`` (a ``KeyValueCache``) holds for blocks [start, end), which this call extends;
+        ``attention_mask`` [B, P+q] covers both, and gives the position offset P."""
+        end = len(self.blocks) if end is None else end
+        context = self.adapter.cached_context(self.embeddings, hidden, attention_mask, cache)
+        for i in range(start, end):
+            hidden = self.adapter.run_layer(self.blocks[i], hidden, context)
         return self.norm(hidden) if norm and end == len(self.blocks) else hidden
 
 

@@ -83,6 +83,33 @@ class Variant:
 
 
 @dataclass
+class DecoderFile:
+    """The device part as a decoder with a key/value cache (``sftool export --with-decoder``): ``file``
+    takes ``input_ids`` [B, q], ``attention_mask`` [B, P+q] and each block's past keys and values
+    [B, kv_heads, P, head_dim] (``past_inputs``, key then value per block), and gives ``hidden_states``
+    [B, q, H] and the presents [B, kv_heads, P+q, head_dim] (``present_outputs``, the next call's past).
+    fp32, the plain blocks: standard ONNX."""
+
+    file: str
+    blocks: int
+    kv_heads: int
+    head_dim: int
+    past_inputs: list[str]
+    present_outputs: list[str]
+    #: Prefill then single steps through ``file`` vs the PyTorch device part's full forward.
+    parity: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
+    runtime: str = "onnx"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderFile:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SftoolError(f"manifest decoder has unknown fields {sorted(unknown)}: written by a newer sftool?")
+        return cls(**data)
+
+
+@dataclass
 class Manifest:
     """Everything a device and a server need to agree on about one exported split."""
 
@@ -110,6 +137,8 @@ class Manifest:
     activation_abs_max: float | None = None
     format_version: int = MANIFEST_FORMAT
     created_by: str = ""
+    #: The decoder with a key/value cache, where the export has one (manifests without it still load).
+    decoder: DecoderFile | None = None
 
     def variant(self, precision: str, target: str | None = None) -> Variant:
         """The variant with this precision (and target, for int8)."""
@@ -118,6 +147,12 @@ class Manifest:
                 return v
         have = ", ".join(v.label for v in self.variants)
         raise SftoolError(f"no {precision}{'/' + target if target else ''} model in the artifacts (have: {have})")
+
+    def require_decoder(self) -> DecoderFile:
+        """The decoder with a key/value cache; SftoolError where the export has none."""
+        if self.decoder is None:
+            raise SftoolError("the artifacts hold no decoder with a key/value cache; export with --with-decoder")
+        return self.decoder
 
     def batch_schema(self, num_labels: int, activation_bound: float | None = None) -> BatchSchema:
         """The rules a BATCH from a device of this split must satisfy. The bound on |activation| is
@@ -140,6 +175,8 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
         data["variants"] = [Variant.from_dict(v) for v in data.get("variants", [])]
+        if data.get("decoder") is not None:
+            data["decoder"] = DecoderFile.from_dict(data["decoder"])
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:

@@ -34,6 +34,22 @@ def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) ->
     return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def cached_attention_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mask [B,1,q,P+q] of ``query_len`` new positions that follow P cached ones.
+
+    ``attention_mask`` [B, P+q] covers the cached positions and the new ones; new position i (absolute
+    P + i) may see key j iff j <= P + i and j is a real token. With P = 0 it is ``additive_attention_mask``.
+    """
+    total = attention_mask.shape[-1]
+    keys = torch.arange(total, device=attention_mask.device)
+    # An arange of known length, not a slice of ``keys``: torch.export cannot size a slice from symbolic bounds.
+    queries = torch.arange(total - query_len, total, device=attention_mask.device)
+    causal = keys[None, :] <= queries[:, None]  # [q, P+q]
+    allowed = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class FamilyAdapter(ABC):
     """Knows where a family keeps its embeddings, blocks and final norm, and how to call a block."""
 
@@ -76,6 +92,22 @@ class FamilyAdapter(ABC):
     ) -> dict[str, Any]:
         """Keyword arguments every block call needs (mask, and for rotary families cos/sin)."""
         return {"attention_mask": additive_attention_mask(attention_mask, hidden.dtype)}
+
+    def cached_context(
+        self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> dict[str, Any]:
+        """Keyword arguments of a block call on new positions whose earlier keys and values are in
+        ``cache`` (``sftool.exporters.kv_cache.KeyValueCache``, which the blocks extend). ``hidden`` holds
+        the new positions [B, q, H]; ``attention_mask`` [B, P+q] the cached ones and the new ones, which
+        gives the position offset P. Families without it raise SftoolError."""
+        from sftool.errors import SftoolError
+
+        raise SftoolError(f"decoding with a key/value cache is not supported yet for the {self.name} family")
+
+    def cached_position_ids(self, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+        """Position ids [B, q] of the last ``query_len`` positions of ``attention_mask`` [B, P+q]: the same
+        ids the full sequence gives them (``position_ids_from_mask``)."""
+        return position_ids_from_mask(attention_mask).narrow(-1, attention_mask.shape[-1] - query_len, query_len)
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         out = layer(hidden, **context)

@@ -132,3 +132,19 @@ class LlamaAdapter(FamilyAdapter):
         context["position_embeddings"] = modules["rotary_emb"](hidden, position_ids)
         context["position_ids"] = position_ids
         return context
+
+    def cached_context(
+        self, modules: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> dict[str, Any]:
+        from sftool.exporters.families.base import cached_attention_mask
+
+        # Each block's attention appends its new keys/values to ``cache`` (under its own layer index) and
+        # attends over all of them; the rotary angles are those of the new positions' absolute places.
+        query_len = hidden.shape[1]
+        position_ids = self.cached_position_ids(attention_mask, query_len)
+        return {
+            "attention_mask": cached_attention_mask(attention_mask, query_len, hidden.dtype),
+            "position_embeddings": modules["rotary_emb"](hidden, position_ids),
+            "position_ids": position_ids,
+            "past_key_values": cache,
+        }

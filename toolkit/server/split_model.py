@@ -22,6 +22,7 @@ from sftool.errors import SftoolError
 from sftool.exporters.families import adapter_for
 from sftool.exporters.model_source import load_model
 from sftool.exporters.partition import BlockRunner, DevicePart, check_split, weights_fingerprint
+from sftool.server.accelerator import autocast
 from sftool.settings import LoraSettings
 from sftool.training.task import ClassificationTask, Task, last_token_index
 from torch import nn
@@ -42,6 +43,8 @@ class SplitModelSpec:
     lora_layers: Sequence[int] | None = None
     #: Recompute each block's activations in the backward instead of keeping them (``BlockRunner.recompute``).
     recompute: bool = False
+    #: "fp32", or "bf16": the forward under autocast (``sftool.server.accelerator``), weights kept fp32.
+    precision: str = "fp32"
 
     @property
     def resolved_task(self) -> Task:
@@ -79,6 +82,7 @@ class SplitServerModel(nn.Module):
         hf_model = self.peft_model.base_model.model
         self.runner = BlockRunner(self.adapter, self.adapter.backbone(hf_model))
         self.runner.recompute = spec.recompute
+        self.precision = spec.precision
         # peft wraps the head in ModulesToSaveWrapper (trainable copy, saved with the adapter).
         self.head = self.task.head_module(hf_model)
         self.config = base.config
@@ -110,9 +114,24 @@ class SplitServerModel(nn.Module):
         return self.runner(hidden, attention_mask, split, self.train_from, norm=False)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        """The task's logits from activations at block ``start`` (default k_max)."""
-        out = self.runner(hidden, attention_mask, self.train_from if start is None else start)
-        return self.task.logits(out, attention_mask, self.head)
+        """The task's logits from activations at block ``start`` (default k_max), in float32 whatever
+        the precision of the blocks, so every loss and metric is computed alike."""
+        with autocast(hidden.device, self.precision):
+            out = self.runner(hidden, attention_mask, self.train_from if start is None else start)
+            logits = self.task.logits(out, attention_mask, self.head)
+        return logits.float()
+
+    @torch.no_grad()
+    def decode(self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache, last_only: bool = True) -> torch.Tensor:
+        """Next-token logits from the activations [B, q, H] of q new positions at block k_max, whose
+        earlier positions' keys and values ``cache`` (``sftool.exporters.kv_cache.KeyValueCache``) holds for
+        the server's blocks and which this call extends; ``attention_mask`` [B, P+q] covers both (the
+        position offset is P). ``last_only``: the last position's logits [B, 1, V] alone."""
+        out = self.runner.decode(hidden, attention_mask, cache, self.train_from)
+        if last_only:
+            out = out[:, -1:]
+        new_mask = attention_mask[:, attention_mask.shape[1] - out.shape[1] :]
+        return self.task.logits(out, new_mask, self.head)
 
     def device_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
         """Embeddings + blocks 0..split-1 as this model has them (with their LoRA, if any): the
@@ -120,8 +139,9 @@ class SplitServerModel(nn.Module):
         from sftool.exporters.families.base import position_ids_from_mask
 
         position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.adapter.embed(self.runner.embeddings, input_ids, position_ids)
-        return self.runner(hidden, attention_mask, 0, split, norm=False)
+        with autocast(input_ids.device, self.precision):
+            hidden = self.adapter.embed(self.runner.embeddings, input_ids, position_ids)
+            return self.runner(hidden, attention_mask, 0, split, norm=False)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The unsplit model: tokens to the task's logits."""
