@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from sftool.errors import SftoolError
 from sftool.runtime.files import atomic_write_text
+from sftool.server.accelerator import rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -59,7 +60,7 @@ def save_checkpoint(run_dir: Path, model, trainer, mixing_rng: random.Random, pr
     torch.save(
         {
             "trainer": trainer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_state(),
             "mixing_rng": mixing_rng.getstate(),
         },
         tmp / "trainer.pt",
@@ -107,9 +108,10 @@ def load_adapter_weights(model, adapter_folder: Path) -> None:
 def load_checkpoint(folder: Path, model, trainer, mixing_rng: random.Random) -> TrainingProgress:
     """Restore model, optimizer, scheduler and RNG from ``folder``; return its progress."""
     load_adapter_weights(model, folder / "adapter")
-    state = torch.load(folder / "trainer.pt", weights_only=True)
+    # On the CPU first: optimizer state follows its parameters' device when loaded, wherever it was saved.
+    state = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
     trainer.load_state_dict(state["trainer"])
-    torch.set_rng_state(state["torch_rng"])
+    set_rng_state(state)
     mixing_rng.setstate(_as_tuples(state["mixing_rng"]))
     return TrainingProgress(**json.loads((folder / "progress.json").read_text()))
 
