@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from sftool.errors import SftoolError
+from sftool.runtime.activation_noise import NoiseDefense
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
 from sftool.runtime.link_keys import check_plain_endpoint, load_keypair, load_public_key
 from sftool.runtime.local_data import TextEncoder, bucketed_batches, iter_epochs, read_examples
@@ -69,6 +70,8 @@ class DeviceOptions:
     #: Each batch takes this many times its measured compute (>= 1): the device sleeps for the rest,
     #: standing in for an edge CPU that much slower than this one.
     slowdown: float = 1.0
+    #: Gaussian noise added to every real token's activation before the wire cast (docs/privacy.md).
+    defense: NoiseDefense = field(default_factory=NoiseDefense)
 
 
 @dataclass
@@ -107,6 +110,13 @@ def prepare_hidden(hidden: np.ndarray, wire_dtype: str) -> np.ndarray:
     return hidden.astype(np.float32, copy=False)
 
 
+def device_activations(hidden: np.ndarray, attention_mask: np.ndarray, wire_dtype: str, defense: NoiseDefense,
+                       rng: np.random.Generator) -> np.ndarray:
+    """What leaves the device for one batch: the ONNX output with the defense's noise, cast for the
+    wire. The one place noise is added, for real devices and the in-process simulated ones alike."""
+    return prepare_hidden(defense.apply(hidden, attention_mask, rng), wire_dtype)
+
+
 class LocalBatches:
     """The device's batch plan: seq -> (epoch, rows), built on demand (tokenize + ONNX forward).
 
@@ -116,7 +126,7 @@ class LocalBatches:
     """
 
     def __init__(self, examples, plan, epochs, skip_epochs, encoder, model, wire_dtype: str, device_id: str,
-                 slowdown: float = 1.0):
+                 slowdown: float = 1.0, defense: NoiseDefense | None = None):
         check_slowdown(slowdown)
         self.examples = examples
         self.epochs_plan = list(iter_epochs(plan, epochs))
@@ -124,6 +134,8 @@ class LocalBatches:
         self.encoder, self.model = encoder, model
         self.wire_dtype, self.device_id = wire_dtype, device_id
         self.slowdown = float(slowdown)
+        self.defense = defense or NoiseDefense()
+        self.rng = self.defense.generator()
         self.compute_s = 0.0
         self.first_batch_unix: float | None = None
         self.first_batch_at: float | None = None  # perf_counter() of the same moment
@@ -138,7 +150,7 @@ class LocalBatches:
         if self.first_batch_unix is None:
             self.first_batch_unix, self.first_batch_at = time.time(), started
         ids, mask = self.encoder.encode([r.text for r in rows])
-        hidden = prepare_hidden(self.model.forward(ids, mask), self.wire_dtype)
+        hidden = device_activations(self.model.forward(ids, mask), mask, self.wire_dtype, self.defense, self.rng)
         elapsed = time.perf_counter() - started
         self.compute_s += elapsed
         if self.slowdown > 1.0:
@@ -242,6 +254,7 @@ def run_device(
             connect_timeout_s=opts.connect_timeout_s,
             hello_timeout_s=float(os.environ.get("SFTOOL_HELLO_TIMEOUT", HELLO_TIMEOUT_S)),
             curve=curve,
+            defense=opts.defense.wire(),
         )
     )
     try:
@@ -255,7 +268,7 @@ def run_device(
         on_start(total, f"{opts.device_id} ({precision_label} on {cpu_target()})")
 
     batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id,
-                           slowdown=opts.slowdown)
+                           slowdown=opts.slowdown, defense=opts.defense)
     try:
         with _sigterm_as_interrupt():
             report = client.stream(batches, on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)

@@ -53,6 +53,8 @@ class ClientConfig:
     #: Backoff between attempts: doubles from the first value up to the second.
     retry_backoff_s: tuple[float, float] = (1.0, 30.0)
     curve: dict[str, bytes] | None = None  # {"server_public", "public", "secret"} for CurveZMQ
+    #: HELLO's ``defense``: the noise this device adds to its activations (runtime/activation_noise.py).
+    defense: str = "none"
 
 
 @dataclass
@@ -229,6 +231,7 @@ class DeviceClient:
             wire_dtype=c.wire_dtype,
             num_samples=c.num_samples,
             epochs=c.epochs,
+            defense=c.defense,
         )
         self._send(hello)
         deadline = time.monotonic() + c.hello_timeout_s

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Sequence
 
 import msgpack
 import numpy as np
+from sftool.runtime.activation_noise import DEFENSE_PATTERN
 
 PROTOCOL_VERSION = 1
 
@@ -283,6 +284,7 @@ class Hello(Message):
     wire_dtype: str = wire("str", choices=WIRE_NAMES, doc="activation dtype the device sends; `fp16` devices may fall back to float32 per batch")
     num_samples: int = wire("int", -1, lo=-1, hi=MAX_INT, doc="samples the device will send over all epochs; -1 if unknown")
     epochs: int = wire("int", 1, lo=1, hi=MAX_EPOCHS, doc="passes over the local data")
+    defense: str = wire("str", "none", max_len=64, doc="noise the device adds to its activations: `none`, `gauss:ratio=R` or `gauss:clip=C,sigma=S`")
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,8 @@ def parse_message(header: Header) -> Message:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{msg_name}: field {name!r} is missing")
     if isinstance(values.get("manifest_sha256"), str) and not _is_hex64(values["manifest_sha256"]):
         raise ProtocolError(ErrorCode.BAD_HEADER, "HELLO: field 'manifest_sha256' must be 64 lowercase hex digits")
+    if isinstance(values.get("defense"), str) and DEFENSE_PATTERN.fullmatch(values["defense"]) is None:
+        raise ProtocolError(ErrorCode.BAD_HEADER, "HELLO: field 'defense' must be none, gauss:ratio=R or gauss:clip=C,sigma=S")
     return cls(**values)
 
 

@@ -67,6 +67,8 @@ class TrainSettings:
     #: Evaluations during a run (evenly spaced in steps), for the accuracy-vs-samples curves.
     evals: int = 4
     threads: int | None = None
+    #: SplitFrozen devices add Gaussian noise with ||noise|| / ||h|| about this per token (docs/privacy.md).
+    noise_ratio: float = 0.0
 
 
 @dataclass
@@ -356,6 +358,7 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
 
     from sftool.exporters.model_source import load_config
     from sftool.flops import count_flops
+    from sftool.runtime.activation_noise import NoiseDefense
     from sftool.server.serve import ServeOptions, serve_in_process
     from sftool.training.sources import SimulatedDevice
 
@@ -379,7 +382,8 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
             ws.log(f"  {key.id}: step {p.steps}/~{steps_total}, {p.samples} samples, loss {p.loss:.4f}")
 
         summary = serve_in_process(opts, devices, key.precision, on_progress=show, log_line=lambda m: None,
-                                   progress_every_s=PROGRESS_EVERY_S)
+                                   progress_every_s=PROGRESS_EVERY_S,
+                                   defense=NoiseDefense(ratio=cfg.train.noise_ratio, seed=key.seed))
         losses = _step_losses(out)
     flops = count_flops(load_config(ws.source()), "splitfrozen", data.manifest.split, data.lengths, cfg.lora.rank,
                         cfg.lora.targets, len(data.label_names))
@@ -387,7 +391,7 @@ def _run_splitfrozen(key: RunKey, ws: Workspace, run_dir: Path | None) -> dict[s
     samples = summary["samples_trained"]
     device_s = summary["device_compute_s"]
     return {
-        "run": key.id, **asdict(key), "stopped": summary["stopped"],
+        "run": key.id, **asdict(key), "stopped": summary["stopped"], "noise_ratio": cfg.train.noise_ratio,
         "accuracy": final["accuracy"], "loss": final["loss"], "eval_n": final["n"],
         "majority": _majority(data.eval_examples),
         "samples": samples, "steps": summary["steps"], "wall_s": summary["wall_s"],

@@ -100,6 +100,8 @@ class DeviceSession:
     wire_dtype: str
     connected_at: float
     last_seen: float
+    #: The noise the device says it adds (HELLO's ``defense``): recorded, it cannot be checked.
+    defense: str = "none"
     #: Every seq accepted from this device (dedupe for at-least-once delivery).
     seen: set[int] = field(default_factory=set)
     #: Accepted but not yet acknowledged (waiting for queue space, or for training when sequential).
@@ -487,7 +489,7 @@ class Receiver(threading.Thread):
             session = DeviceSession(
                 device=hello.device, routing_id=routing_id, split=hello.split, precision=hello.precision,
                 wire_dtype=hello.wire_dtype, connected_at=now, last_seen=now, schema=schema, skip_epochs=skip,
-                planned_samples=samples * max(0, epochs - len(skip)) // epochs,
+                defense=hello.defense, planned_samples=samples * max(0, epochs - len(skip)) // epochs,
             )
             # Announced 0 means 0; only -1 (unknown) leaves the server's own limit.
             session.sample_cap = session.planned_samples if hello.num_samples >= 0 else self.limits.max_samples_per_device
@@ -500,8 +502,8 @@ class Receiver(threading.Thread):
             with self._lock:
                 # A device back after its BYE streams again (its seen seqs still dedupe what it resends).
                 session.routing_id, session.last_seen, session.timed_out, session.said_bye = routing_id, now, False, False
-                session.split, session.precision, session.wire_dtype, session.schema = (
-                    hello.split, hello.precision, hello.wire_dtype, schema)
+                session.split, session.precision, session.wire_dtype, session.schema, session.defense = (
+                    hello.split, hello.precision, hello.wire_dtype, schema, hello.defense)
             log.info("device %s reconnected", hello.device)
         self._send(
             routing_id,

@@ -421,10 +421,12 @@ def serve_in_process(
     on_progress: Callable[[Progress], None] | None = None,
     log_line: Callable[[str], None] = print,
     progress_every_s: float = 2.0,
+    defense=None,
 ) -> dict:
     """``serve`` with its devices simulated in this process: each runs the exported ONNX of the
-    split over its shard, with the batch plan and the wire cast of ``sftool device``, and its
-    batches reach the same trainer in the order a live server releases them. Same run folder."""
+    split over its shard, with the batch plan, the noise (``defense``, a NoiseDefense) and the wire
+    cast of ``sftool device``, and its batches reach the same trainer in the order a live server
+    releases them. Same run folder."""
     from sftool.runtime.local_data import TextEncoder
     from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant
 
@@ -437,7 +439,7 @@ def serve_in_process(
     for d in devices:
         if not d.batches:
             d.make_plan(encoder)
-    inbox = SimulatedInbox(devices, device_model, encoder, manifest.split)
+    inbox = SimulatedInbox(devices, device_model, encoder, manifest.split, defense=defense)
     stream = StreamTrainer(replace(opts, devices=len(devices)), model, inbox, evaluator)
     return _drive(opts, stream, accepted, lambda: None, lambda reason: None, on_progress, log_line, progress_every_s)
 
@@ -566,6 +568,7 @@ def _summary(opts: ServeOptions, stream: StreamTrainer, reason: str, wall_s: flo
                 "split": s.split,
                 "precision": s.precision,
                 "wire_dtype": s.wire_dtype,
+                "defense": s.defense,
                 "batches": s.batches,
                 "samples_received": s.samples,
                 "samples_trained": stream.ledger.settled_samples(name) - refused.get(name, 0),
@@ -578,5 +581,7 @@ def _summary(opts: ServeOptions, stream: StreamTrainer, reason: str, wall_s: flo
             for name, s in sessions.items()
         },
         "samples_refused": stream.progress_state.samples_refused,
+        # Devices simulated in this process have no sessions: their one defense is recorded here.
+        **({"simulated_defense": inbox_defense.wire()} if (inbox_defense := getattr(stream.source.inbox, "defense", None)) else {}),
         "adapter": str(Path(opts.out) / "adapter"),
     }

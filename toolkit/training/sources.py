@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+from sftool.runtime.activation_noise import NoiseDefense
 from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
 from sftool.runtime.protocol import Batch
 from sftool.server.activation_cache import ActivationCache
@@ -231,11 +232,15 @@ def plan_of(devices: Sequence[SimulatedDevice]) -> dict[str, list[tuple[int, int
 
 class SimulatedInbox:
     """Devices simulated in this process: each batch runs the exported device model (onnxruntime)
-    and is cast for the wire exactly as ``sftool device`` does, then handed over like a received one."""
+    and is noised (``defense``) and cast for the wire exactly as ``sftool device`` does, then handed
+    over like a received one. Each simulated device draws its noise from its own generator."""
 
     def __init__(self, devices: Sequence[SimulatedDevice], device_model, encoder: TextEncoder, split: int,
-                 wire_dtype: str = "fp16"):
+                 wire_dtype: str = "fp16", defense: NoiseDefense | None = None):
         self.devices = {d.name: d for d in devices}
+        self.defense = defense or NoiseDefense()
+        seeds = np.random.SeedSequence(self.defense.seed).spawn(len(devices))
+        self._rngs = {d.name: np.random.default_rng(s) for d, s in zip(devices, seeds)}
         self.model = device_model
         self.encoder = encoder
         self.split = split
@@ -246,7 +251,7 @@ class SimulatedInbox:
         self._left = sum(len(d.seqs()) for d in devices)
 
     def get(self, timeout: float) -> ReceivedBatch | None:
-        from sftool.runtime.device_app import prepare_hidden
+        from sftool.runtime.device_app import device_activations
 
         try:
             name, seq = next(self._order)
@@ -255,7 +260,7 @@ class SimulatedInbox:
         epoch, rows = self.devices[name].rows(seq)
         started = time.perf_counter()
         ids, mask = self.encoder.encode([r.text for r in rows])
-        hidden = prepare_hidden(self.model.forward(ids, mask), self.wire_dtype)
+        hidden = device_activations(self.model.forward(ids, mask), mask, self.wire_dtype, self.defense, self._rngs[name])
         self.device_compute_s += time.perf_counter() - started
         self.bytes_received += hidden.nbytes + mask.size
         self._left -= 1
