@@ -93,6 +93,9 @@ def export(
     ),
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     opset: int = typer.Option(18, help="ONNX opset."),
+    with_decoder: bool = typer.Option(
+        False, "--with-decoder", help="Also write device.decode.onnx: the device part with a key/value cache (generation)."
+    ),
 ) -> None:
     """Export the frozen device part (embeddings + blocks 0..k-1) to ONNX with a manifest."""
     from sftool.exporters.onnx_export import ExportOptions, export_device
@@ -114,12 +117,13 @@ def export(
     for k in splits:
         folder = out if len(splits) == 1 else out / f"split-{k}"
         manifest = export_device(
-            ExportOptions(model, k, folder, max_seq_len, max_batch, exporter, opset, targets),
+            ExportOptions(model, k, folder, max_seq_len, max_batch, exporter, opset, targets, with_decoder=with_decoder),
             log=lambda msg: console.print(f"[dim]export:[/] {msg}", highlight=False),
         )
         parity = manifest.parity.get("fp32_vs_torch", {})
         worst = max((p["max_abs_diff"] for p in parity.values()), default=float("nan"))
         files = [f for v in manifest.variants for f in (v.file, v.optimized_file) if f]
+        files += [manifest.decoder.file] if manifest.decoder else []
         typer.echo(f"split {k}: {folder} ({', '.join(files)}), fp32 max abs diff {worst:.2e}")
 
 
@@ -220,11 +224,17 @@ def profile(
     seq_len: int = typer.Option(64, help="Tokens per sample to time with."),
     precision: str = typer.Option("auto", help="auto, fp32 or int8."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    privacy_floor: Optional[float] = typer.Option(None, "--privacy-floor", metavar="RATE", help="Also recommend the shallowest split whose audited token recovery is under RATE (needs --audit)."),
+    audit: Optional[Path] = typer.Option(None, "--audit", metavar="FILE", help="privacy_audit.json of `sftool audit privacy` on these splits."),
 ) -> None:
     """Time this device's forward pass per split and recommend the deepest split within a budget (no torch)."""
     from rich.table import Table
+    from sftool.runtime.profiler import privacy_floor as floor_split
     from sftool.runtime.profiler import profile_splits
 
+    if (privacy_floor is None) != (audit is None):
+        raise SftoolError("--privacy-floor and --audit go together")
+    floor = floor_split(audit, privacy_floor) if audit is not None else None
     result = profile_splits(artifacts, budget_ms, batch_size, seq_len, precision, threads)
     table = Table(title=f"forward time per batch ({batch_size} x {seq_len} tokens)")
     for col in ("split k", "variant", "median ms", "within budget"):
@@ -238,6 +248,14 @@ def profile(
     else:
         typer.echo(f"recommended: split {result.recommended_exported} (deepest exported within {budget_ms:.0f} ms); "
                    f"by the fit, up to k = {result.recommended_fit} would meet the budget")
+    if floor is not None:
+        rates = ", ".join(f"k={k}: {r:.1%}" for k, r in sorted(floor.rates.items()))
+        if floor.recommended is None:
+            typer.echo(f"privacy floor {floor.floor:.1%}: no audited split is under it ({rates}); noise (--noise-ratio) is the other lever")
+        else:
+            fits = result.recommended_fit >= floor.recommended
+            typer.echo(f"privacy floor {floor.floor:.1%}: split {floor.recommended} is the shallowest under it ({rates}); "
+                       + ("it fits the time budget" if fits else f"it does not fit the time budget (k <= {result.recommended_fit})"))
 
 
 @app.command()
@@ -449,6 +467,10 @@ def _mount_optional_subapps() -> None:
 
 
 _mount_optional_subapps()
+
+from sftool.generation.command import generate_command  # noqa: E402  (typer only; heavy imports inside)
+
+app.command("generate")(user_errors(generate_command))
 
 try:  # `sftool demo` lives in its own module (it drives the other commands as processes)
     from sftool.demo import demo_command

@@ -246,3 +246,37 @@ def fuzz(
     results = run_campaign(messages, seed, log=lambda m: err.print(f"[dim]fuzz:[/] {escape(m)}"), scenarios=scenarios)
     print_fuzz(results)
     _save(results, out)
+
+
+@app.command()
+def decode(
+    model: str = typer.Option("smollm2-135m-instruct", help="The model to decode with."),
+    split: int = typer.Option(6, help="Split k: the device runs blocks 0..k-1."),
+    artifacts: Optional[Path] = typer.Option(None, help="An export with its decoder (exported here with --with-decoder if missing)."),
+    run: Optional[Path] = typer.Option(None, help="A causal-LM run folder whose adapter both paths use."),
+    prompts: int = typer.Option(20, help="GSM8K eval prompts (the fixed re-split's first rows)."),
+    max_new_tokens: int = typer.Option(128, help="Tokens decoded per prompt (no stop rule: every prompt decodes as long)."),
+    recompute_prompts: int = typer.Option(4, help="Generations whose recompute-the-prefix cost is timed."),
+    recompute_every: int = typer.Option(16, help="Time recomputing at every N-th position of those generations."),
+    threads: Optional[int] = typer.Option(None, help="torch and onnxruntime threads."),
+    work: Optional[Path] = typer.Option(None, help="Folder for the export when --artifacts is not given (default: a temporary one)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON."),
+) -> None:
+    """Decoding per token: KV cache vs recomputing the prefix on both halves, split vs unsplit, greedy agreement."""
+    import tempfile
+
+    from rich.console import Console
+    from rich.markup import escape
+    from sftool.bench_decode import DecodeBenchConfig, print_decode_bench, run_decode_bench
+
+    err = Console(stderr=True, highlight=False)
+    cfg = DecodeBenchConfig(model=model, split=split, artifacts=artifacts, run=run, prompts=prompts,
+                            max_new_tokens=max_new_tokens, recompute_prompts=recompute_prompts,
+                            recompute_every=recompute_every, threads=threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run_decode_bench(cfg, work or Path(tmp), log=lambda m: err.print(f"[dim]bench:[/] {escape(m)}"))
+    except SftoolError as exc:
+        raise exit_for(exc) from None
+    print_decode_bench(results)
+    _save(results, out)

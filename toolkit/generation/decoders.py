@@ -85,6 +85,8 @@ class RecomputeSplitDecoder:
         self.device = device
         self.server = server
         self.step_seconds = {"device": 0.0, "server": 0.0}
+        #: (device, server) seconds of the latest call.
+        self.last_seconds = (0.0, 0.0)
         self._ids: list[int] = []
 
     def _run(self) -> tuple[np.ndarray, float, float]:
@@ -99,7 +101,8 @@ class RecomputeSplitDecoder:
             out = self.server.runner(torch.from_numpy(hidden).to(target), mask_t, self.server.train_from)[:, -1:]
             logits = self.server.task.logits(out, mask_t[:, -1:], self.server.head)
         result = _last_logits(logits)
-        return result, device_done - started, time.perf_counter() - device_done
+        self.last_seconds = (device_done - started, time.perf_counter() - device_done)
+        return result, *self.last_seconds
 
     def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
         self._ids = [int(t) for t in prompt_ids]
