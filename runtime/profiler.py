@@ -92,3 +92,30 @@ def profile_splits(
     within = [t.split for t in timings if t.median_ms <= budget_ms]
     fit = int(min(num_layers - 1, max(0, np.floor((budget_ms - embed_ms) / block_ms))))
     return ProfileResult(timings, float(embed_ms), block_ms, num_layers, budget_ms, max(within) if within else None, fit)
+
+
+@dataclass
+class PrivacyFloor:
+    """The shallowest audited split whose measured token recovery is under a floor."""
+
+    floor: float
+    #: split k -> the best attack's exact token recovery (``sftool audit privacy``'s ``recovery_rate``).
+    rates: dict[int, float]
+    recommended: int | None
+
+
+def privacy_floor(audit_file: Path, floor: float) -> PrivacyFloor:
+    """Read an audit's results (``privacy_audit.json``) and pick the shallowest split with recovery < ``floor``."""
+    import json
+
+    if not 0.0 < floor <= 1.0:
+        raise SftoolError(f"--privacy-floor is a recovery rate in (0, 1], not {floor:g}")
+    try:
+        results = json.loads(Path(audit_file).read_text())
+        rates = {int(r["split"]): float(r["recovery_rate"]) for r in results["splits"]}
+    except OSError as exc:
+        raise SftoolError(f"cannot read the audit results {audit_file}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise SftoolError(f"{audit_file} is not the privacy_audit.json of `sftool audit privacy`") from None
+    under = sorted(k for k, rate in rates.items() if rate < floor)
+    return PrivacyFloor(floor, rates, under[0] if under else None)

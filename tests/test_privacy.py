@@ -15,6 +15,7 @@ from sftool.privacy.bleu import sentence_bleu
 from sftool.privacy.nearest_neighbour import nearest_neighbour_attack
 from sftool.privacy.target import AttackTarget
 from sftool.runtime.activation_noise import NoiseDefense, gaussian_delta, gaussian_epsilon, parse_defense
+from sftool.runtime.profiler import privacy_floor
 from tiny_models import synthetic_rows, write_jsonl
 
 TEXTS = [r["text"] for r in synthetic_rows(4, seed=3)]
@@ -143,6 +144,13 @@ def test_audit_writes_results_and_bad_input_is_one_line(tiny_artifacts, tmp_path
     (row,) = results["splits"]
     assert row["attacks"]["nearest_neighbour"]["full_sweep"] and row["recovery_rate"] >= row["attacks"]["inverter"]["exact"]
     assert (out / f"privacy_split{row['split']}.png").is_file()
+    assert privacy_floor(out / "privacy_audit.json", 0.5).rates == {row["split"]: row["recovery_rate"]}
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps({"splits": [{"split": k, "recovery_rate": r} for k, r in ((2, 0.9), (6, 0.1), (4, 0.3))]}))
+    assert privacy_floor(several, 0.5).recommended == 4 and privacy_floor(several, 0.05).recommended is None
+    profiled = run_cli("profile", "--artifacts", folder, "--budget-ms", "100000", "--privacy-floor", "1.0",
+                       "--audit", out / "privacy_audit.json")
+    assert profiled.exit_code == 0 and "privacy floor 100.0%" in profiled.output, profiled.output
     assert "missing.jsonl" in one_line_error(run_cli("audit", "privacy", "--artifacts", folder, "--data", tmp_path / "missing.jsonl"))
     assert "text" in one_line_error(run_cli("audit", "privacy", "--artifacts", folder, "--data", data, "--text-field", "nope"))
     assert "--noise-ratio and --clip" in one_line_error(
