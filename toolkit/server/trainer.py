@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from sftool.server.mixing import TrainBatch
 from sftool.settings import OptimSettings
+from sftool.training.distributed import SINGLE, RankGroup
 from sftool.training.task import ClassificationTask, Task
 
 
@@ -34,6 +35,14 @@ class StepResult:
     bytes_down: int = 0
     #: The step was not applied: its loss or gradients were not finite (the batch is refused).
     refused: bool = False
+    #: Samples the global step trained over every server rank; 0: ``size`` alone (one process).
+    global_size: int = 0
+    #: What the loss and ``correct`` count over: samples, or labelled tokens (causal LM); 0: ``size``.
+    counted: int = 0
+
+    @property
+    def items(self) -> int:
+        return self.counted or self.size
 
 
 class Optimizer:
@@ -86,9 +95,12 @@ class Trainer:
         settings: OptimSettings,
         params: list[torch.nn.Parameter] | None = None,
         task: Task | None = None,
+        ranks: RankGroup = SINGLE,
     ):
         self.model = model
         self.settings = settings
+        #: The server ranks that train one global batch per step (``sftool.training.distributed``).
+        self.ranks = ranks
         self.task: Task = task or getattr(model, "task", None) or ClassificationTask()
         params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.optim = Optimizer(params, settings)
@@ -120,25 +132,73 @@ class Trainer:
         logits = forward()
         loss = self.task.loss(logits, labels)
         score = self.task.score(logits.detach(), labels)
-        if not torch.isfinite(loss.detach()):
+        finite = bool(torch.isfinite(loss.detach()))
+        samples = int(labels.shape[0])
+        if self.ranks.distributed:
+            return self._global_step(loss if finite else None, score, samples, started, before_update, after_backward)
+        if not finite:
             # Never applied: the batch is refused (the loop flags where it came from).
             self.optim.optimizer.zero_grad(set_to_none=True)
-            return StepResult(self.step_count, float(loss.detach()), 0, score.count,
-                              time.perf_counter() - started, refused=True)
+            return StepResult(self.step_count, float(loss.detach()), 0, samples,
+                              time.perf_counter() - started, refused=True, counted=score.count)
         loss.backward()
         if after_backward is not None:
             after_backward()
         if not self.optim.update(before_update):
-            return StepResult(self.step_count, float(loss.detach()), 0, score.count,
-                              time.perf_counter() - started, refused=True)
+            return StepResult(self.step_count, float(loss.detach()), 0, samples,
+                              time.perf_counter() - started, refused=True, counted=score.count)
         self.step_count += 1
-        result = StepResult(self.step_count, float(loss.detach()), score.correct, score.count, time.perf_counter() - started)
+        result = StepResult(self.step_count, float(loss.detach()), score.correct, samples, time.perf_counter() - started,
+                            counted=score.count)
         self.record(result)
+        return result
+
+    def idle_step(self) -> StepResult | None:
+        """This rank has no batch this turn but another has: take part in the global step with
+        nothing (count 0, zero gradients). None when no rank had anything to train."""
+        started = time.perf_counter()
+        return self._global_step(None, None, 0, started, None, None)
+
+    def _global_step(self, loss, score, samples: int, started: float, before_update, after_backward) -> StepResult | None:
+        """One step of the global batch (see ``sftool.training.distributed``): weight this rank's
+        mean by its share of the global count, sum the gradients over the ranks, update alike."""
+        device = next(iter(self.optim.params)).device
+        local = score.count if (score is not None and loss is not None) else 0
+        total, total_samples = self.ranks.global_totals(local, samples if local else 0, device)
+        if total == 0:  # nothing finite anywhere: every rank refuses together
+            self.optim.optimizer.zero_grad(set_to_none=True)
+            if score is None:
+                return None
+            return StepResult(self.step_count, float("nan"), 0, samples, time.perf_counter() - started, refused=True,
+                              counted=score.count)
+        if local:
+            (loss * (local / total)).backward()
+        if after_backward is not None:
+            after_backward()
+
+        def reduce() -> None:
+            self.ranks.sum_gradients(self.optim.params)
+            if before_update is not None:
+                before_update()
+
+        applied = self.optim.update(reduce)
+        if applied:
+            self.step_count += 1
+        trained = total_samples if applied else 0
+        if score is None:
+            return StepResult(self.step_count, float("nan"), 0, 0, time.perf_counter() - started,
+                              refused=not applied, global_size=trained)
+        value = float(loss.detach()) if loss is not None else float("nan")
+        refused = not applied or loss is None
+        result = StepResult(self.step_count, value, 0 if refused else score.correct, samples,
+                            time.perf_counter() - started, refused=refused, global_size=trained, counted=score.count)
+        if not refused:
+            self.record(result)
         return result
 
     def record(self, result: StepResult) -> None:
         """Count a step in the running loss and accuracy (also for steps a method runs itself)."""
-        self._recent.append((result.loss * result.size, result.correct, result.size))
+        self._recent.append((result.loss * result.items, result.correct, result.items))
 
     @property
     def recent_loss(self) -> float:

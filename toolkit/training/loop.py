@@ -8,7 +8,9 @@
         method.after_step(result)        # e.g. federated aggregation
         evaluate / checkpoint on schedule; stop at the budget
 
-Nothing in it knows the task, the method or where batches come from.
+Nothing in it knows the task, the method or where batches come from. With several server ranks
+(``ranks``), every turn starts with one agreement of all ranks (``RankGroup.agree``): a rank
+without a batch joins the step empty, and all stop together; steps, budget and the end are global.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Callable, Protocol
 
 from sftool.server.checkpoint import TrainingProgress
 from sftool.server.trainer import StepResult
+from sftool.training.distributed import SINGLE, RankGroup
 from sftool.training.ledger import Ledger
 from sftool.training.run_logger import RunLogger
 from sftool.training.sources import END
@@ -34,6 +37,8 @@ class Method(Protocol):
     """A training method as the loop sees it (see ``sftool.training.methods``)."""
 
     def step(self, batch: Any) -> StepResult: ...
+
+    def idle_step(self) -> StepResult | None: ...
 
     def after_step(self, result: StepResult) -> None: ...
 
@@ -81,6 +86,7 @@ class TrainingLoop:
         checkpoint: Callable[[], Any] | None = None,
         extra_metrics: Callable[[], dict[str, float]] | None = None,
         on_refused: Callable[[Any], None] | None = None,
+        ranks: RankGroup = SINGLE,
     ):
         self.method = method
         self.source = source
@@ -95,35 +101,68 @@ class TrainingLoop:
         self.extra_metrics = extra_metrics
         #: Called with a batch whose step was refused (not finite), e.g. to flag its devices.
         self.on_refused = on_refused
+        self.ranks = ranks
         self.stats = LoopStats(time.perf_counter())
         self.stop_requested: str | None = None
+        #: Samples trained by every rank together (the budget counts these); this rank's alone are
+        #: ``progress.samples_trained``.
+        self.global_samples = progress.samples_trained
+        self._ended = False
 
     def budget_reached(self) -> bool:
-        return self.budget.reached(self.progress.step, self.progress.samples_trained)
+        return self.budget.reached(self.progress.step, self.global_samples)
 
     def run(self, on_progress: Callable[[], None] | None = None, progress_every_s: float = 2.0) -> str:
         """Train until done; returns why it stopped."""
         last_report = time.perf_counter()
-        while self.stop_requested is None:
+        while True:
             if self.budget_reached():
                 return "budget reached"
-            batch = self.source.next_batch()
-            if batch is END:
-                return "all devices finished"
-            if isinstance(batch, str):  # nothing ready yet
-                if not self.source.alive():
-                    return "receiver stopped"
-            else:
+            stop = self.stop_requested
+            if stop is not None and not self.ranks.distributed:
+                return stop
+            batch = None if (stop is not None or self._ended) else self.source.next_batch()
+            if batch is END or (isinstance(batch, str) and not self.source.alive()):
+                self._ended = True
+                why = "all devices finished" if batch is END else "receiver stopped"
+            ready = batch is not None and batch is not END and not isinstance(batch, str)
+            if self.ranks.distributed:
+                turn = self.ranks.agree(ready, self._ended, stop is not None)
+                if turn.stop:
+                    return stop or "stopped by another rank"
+                if turn.all_ended:
+                    return "all devices finished"
+                if ready:
+                    self._step(batch)
+                elif turn.ranks_with_batch:
+                    self._idle_step()
+                elif self._ended:
+                    time.sleep(0.01)  # waiting for the other ranks' sources to end
+            elif self._ended:
+                return why
+            elif ready:
                 self._step(batch)
             if on_progress and time.perf_counter() - last_report >= progress_every_s:
                 on_progress()
                 last_report = time.perf_counter()
-        return self.stop_requested
+
+    def _idle_step(self) -> None:
+        """Another rank trains this turn: join its global step with nothing of our own."""
+        result = self.method.idle_step()
+        if result is not None:
+            self._count_global(result)
+
+    def _count_global(self, result: StepResult) -> None:
+        self.progress.step = result.step
+        self.global_samples += result.global_size or result.size
 
     def _step(self, batch: Any) -> None:
         result = self.method.step(batch)
         if result.refused:
-            # Settled, so the run can end, but never trained: the weights did not change.
+            # Settled, so the run can end, but never trained (with several ranks, the others' part
+            # of the global step may still have changed the weights: the step count follows it).
+            if result.global_size:
+                self._count_global(result)
             self.ledger.settle(batch.keys)
             self.progress.samples_refused += result.size
             for key in batch.keys:
@@ -132,7 +171,7 @@ class TrainingLoop:
             if self.on_refused is not None:
                 self.on_refused(batch)
             return
-        self.progress.step = result.step
+        self._count_global(result)
         self.progress.samples_trained += result.size
         self.stats.train_s += result.seconds
         self.stats.device_s += result.device_s

@@ -38,7 +38,7 @@ class RunLogger:
         self._metrics.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             self._tensorboard.add_scalar("train/loss", result.loss, result.step)
-            self._tensorboard.add_scalar("train/accuracy", result.correct / max(result.size, 1), result.step)
+            self._tensorboard.add_scalar("train/accuracy", result.correct / max(result.items, 1), result.step)
             for name, value in (extra or {}).items():
                 self._tensorboard.add_scalar(f"train/{name}", value, result.step)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sftool.errors import SftoolError
 from sftool.server.trainer import StepResult
 
 
@@ -16,6 +17,11 @@ class MethodBase:
 
     def step(self, batch) -> StepResult:
         raise NotImplementedError
+
+    def idle_step(self) -> StepResult | None:
+        """Join another server rank's global step with no batch of this rank's. Only methods whose
+        step is one server update (SplitFrozen, centralized) run on several ranks."""
+        raise SftoolError(f"{self.name} does not train on several server ranks")
 
     def after_step(self, result: StepResult) -> None:
         """Called after every step (and its ledger record); nothing by default."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from sftool.server.split_model import SplitServerModel
 from sftool.server.trainer import OptimSettings, StepResult, Trainer
+from sftool.training.distributed import SINGLE, RankGroup
 from sftool.training.methods.base import MethodBase
 from sftool.training.sources import TokenBatch
 
@@ -18,9 +19,9 @@ from sftool.training.sources import TokenBatch
 class Centralized(MethodBase):
     name = "centralized"
 
-    def __init__(self, model: SplitServerModel, settings: OptimSettings):
+    def __init__(self, model: SplitServerModel, settings: OptimSettings, ranks: RankGroup = SINGLE):
         self.model = model
-        self.trainer = Trainer(model, settings)
+        self.trainer = Trainer(model, settings, ranks=ranks)
         self.device_s = 0.0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -28,6 +29,9 @@ class Centralized(MethodBase):
     def step(self, batch: TokenBatch) -> StepResult:
         batch = batch.to(self.model.device)
         return self.trainer.step_with(lambda: self.model.full_forward(batch.input_ids, batch.attention_mask), batch.labels)
+
+    def idle_step(self) -> StepResult | None:
+        return self.trainer.idle_step()
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -25,5 +25,8 @@ class SplitFrozen(MethodBase):
     def step(self, batch: TrainBatch) -> StepResult:
         return self.trainer.step(batch)
 
+    def idle_step(self) -> StepResult | None:
+        return self.trainer.idle_step()
+
     def save_adapter(self, folder: Path) -> None:
         self.model.save_adapter(folder)
