@@ -11,7 +11,8 @@ The configuration (TOML)::
 
     [sweep]   methods, datasets, schemes, seeds, precisions (SplitFrozen's device variants)
     [model]   source, split
-    [train]   devices, batch_size, device_batch_size, epochs, mix_capacity, max_len, eval_every
+    [train]   devices, batch_size, device_batch_size, epochs, mix_capacity, max_len, evals, threads,
+              noise_ratio, accelerator, precision, recompute
     [lora]    rank, alpha, dropout, targets
     [optim]   lr, warmup_steps, weight_decay, max_grad_norm
     [splitlora] aggregate_every, weighted
@@ -69,6 +70,10 @@ class TrainSettings:
     threads: int | None = None
     #: SplitFrozen devices add Gaussian noise with ||noise|| / ||h|| about this per token (docs/privacy.md).
     noise_ratio: float = 0.0
+    #: Where and how the server side trains, as ``sftool serve`` (``sftool.server.accelerator``).
+    accelerator: str = "auto"
+    precision: str = "auto"
+    recompute: bool = False
 
 
 @dataclass
@@ -281,6 +286,7 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     """Train and evaluate one method on one partition; returns the result record."""
     import torch
     from sftool.flops import count_flops
+    from sftool.server.accelerator import resolve_device, resolve_precision
     from sftool.server.checkpoint import TrainingProgress
     from sftool.server.split_model import SplitModelSpec, SplitServerModel
     from sftool.training.ledger import Ledger
@@ -303,8 +309,11 @@ def run_one(key: RunKey, ws: Workspace, run_dir: Path | None = None) -> dict[str
     k = cfg.model.split
     lora, optim = cfg.lora, cfg.optim
     device_side = key.method in ("splitlora", "fedlora", "ffa", "centralized-all")
+    device = resolve_device(cfg.train.accelerator)
     model = SplitServerModel(SplitModelSpec(ws.source(), task, [k], data.manifest.pad_token_id, lora,
-                                            lora_layers=range(data.manifest.num_layers) if device_side else None))
+                                            lora_layers=range(data.manifest.num_layers) if device_side else None,
+                                            recompute=cfg.train.recompute,
+                                            precision=resolve_precision(cfg.train.precision, device))).to(device)
     method, source, evaluate_fn = _build_method(key, cfg, model, task, optim, data)
     ledger = Ledger()
     progress = TrainingProgress()

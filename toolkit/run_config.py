@@ -9,7 +9,8 @@ dataclass defaults of ``ServeOptions`` (and its ``LoraSettings`` / ``OptimSettin
     [lora]       rank, alpha, dropout, targets
     [optim]      lr, weight_decay, warmup_steps, max_grad_norm
     [train]      batch_size, mix_capacity, mixing, schedule, max_steps, max_samples, seed, threads,
-                 checkpoint_every, log_samples, cache_activations, cache_max_gb
+                 accelerator, precision, recompute, checkpoint_every, log_samples, cache_activations,
+                 cache_max_gb
     [transport]  bind, devices, window, queue_size, device_timeout_s, pace, curve_secret, allow_keys, insecure,
                  activation_bound, max_devices, max_strikes
     [eval]       eval_data, eval_text_fields, eval_label_field, eval_every, eval_precision
@@ -34,7 +35,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "lora": ("lora",),
     "optim": ("optim",),
     "train": ("batch_size", "mix_capacity", "mixing", "schedule", "max_steps", "max_samples", "seed", "threads",
-              "checkpoint_every", "log_samples", "cache_activations", "cache_max_gb"),
+              "accelerator", "precision", "recompute", "checkpoint_every", "log_samples", "cache_activations", "cache_max_gb"),
     "transport": ("bind", "devices", "window", "queue_size", "device_timeout_s", "pace", "curve_secret", "allow_keys",
                   "insecure", "activation_bound", "max_devices", "max_strikes"),
     "eval": ("eval_data", "eval_text_fields", "eval_label_field", "eval_every", "eval_precision"),

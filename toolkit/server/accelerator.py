@@ -51,6 +51,15 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def host_to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A received numpy array as a ``dtype`` tensor on ``device``: on a GPU through pinned memory
+    with a non-blocking copy (the receiver's next batch decodes while this one travels)."""
+    tensor = torch.from_numpy(array).to(dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 def describe(device: torch.device, precision: str) -> str:
     """One line for the log: which device, which precision."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

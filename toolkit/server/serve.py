@@ -21,6 +21,7 @@ from sftool.run_config import RUN_CONFIG, load_run_config, write_run_config
 from sftool.run_folder import read_run_record, write_run_record, write_summary
 from sftool.runtime.local_data import read_examples
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
+from sftool.server.accelerator import describe, resolve_device, resolve_precision
 from sftool.server.activation_cache import ActivationCache
 from sftool.server.checkpoint import (
     TrainingProgress,
@@ -71,6 +72,12 @@ class ServeOptions:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     threads: int | None = None
+    #: Where the server trains: auto (CUDA when a GPU is visible), cpu or cuda (``sftool.server.accelerator``).
+    accelerator: str = "auto"
+    #: Compute precision of the server's forward: auto (bf16 on a GPU that has it, else fp32), fp32, bf16.
+    precision: str = "auto"
+    #: Recompute the server blocks' activations in the backward instead of keeping them (less memory).
+    recompute: bool = False
     #: Held-out data (JSONL/CSV) evaluated before training, every ``eval_every`` steps, and at the end.
     eval_data: Path | None = None
     eval_text_fields: Sequence[str] = ("text",)
@@ -152,10 +159,15 @@ def task_of(opts: ServeOptions) -> ClassificationTask:
 def _build_model(opts: ServeOptions, log_line: Callable[[str], None]) -> tuple[SplitServerModel, list[tuple[Path, Manifest]]]:
     manifests = [(Path(f), load_manifest(f, verify_files=False)) for f in opts.artifacts]
     log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
+    device = resolve_device(opts.accelerator)
+    precision = resolve_precision(opts.precision, device)
     model = SplitServerModel(
-        SplitModelSpec(opts.source, task_of(opts), [m.split for _, m in manifests], manifests[0][1].pad_token_id, opts.lora)
+        SplitModelSpec(opts.source, task_of(opts), [m.split for _, m in manifests], manifests[0][1].pad_token_id,
+                       opts.lora, recompute=opts.recompute, precision=precision)
     )
-    _check_model_matches(model, manifests)
+    _check_model_matches(model, manifests)  # before the move: fingerprints are of the CPU weights
+    model.to(device)
+    log_line(f"training on {describe(device, precision)}" + (", block activations recomputed" if opts.recompute else ""))
     return model, manifests
 
 

@@ -25,6 +25,7 @@ import torch
 from sftool.runtime.activation_noise import NoiseDefense
 from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
 from sftool.runtime.protocol import Batch
+from sftool.server.accelerator import host_to_device
 from sftool.server.activation_cache import ActivationCache
 from sftool.server.mixing import MixingBuffer, Sample, TrainBatch
 from sftool.server.receiver import ReceivedBatch, Receiver
@@ -348,8 +349,9 @@ class MixedActivations:
         self.ledger.expect(b.device, b.seq, len(keep))
         if not keep:
             return
-        hidden = torch.from_numpy(b.hidden[keep].astype("float32")).to(self.model.device)  # fp16 on the wire, fp32 to train
-        mask = torch.from_numpy(b.attention_mask[keep].astype("int64")).to(self.model.device)
+        # fp16 on the wire, fp32 to train (bf16 autocast, where asked for, casts inside the blocks).
+        hidden = host_to_device(b.hidden[keep], torch.float32, self.model.device)
+        mask = host_to_device(b.attention_mask[keep], torch.int64, self.model.device)
         hidden = self.model.catch_up(hidden, mask, item.split)
         lengths = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(-1).tolist()  # to the last real token
         if self.cache is not None and b.device in self._replay_plan():
