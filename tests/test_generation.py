@@ -243,3 +243,16 @@ def test_generate_cli_evaluates_both_paths(decoder_export, varied_llama, tmp_pat
     assert written["loss"]["split"]["answer_tokens"] == 3 * 3  # two answer words and EOS per row
     assert written["loss"]["split"]["loss"] == pytest.approx(written["loss"]["unsplit"]["loss"], abs=1e-4)
     assert "split vs unsplit: equal token for token on 100.0% of rows" in result.output
+
+
+def test_families_without_cached_blocks_say_so(tiny_model):
+    from sftool.exporters.families import adapter_for
+    from sftool.exporters.kv_cache import KeyValueCache
+    from sftool.exporters.partition import DevicePart
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("gpt2"), dtype=torch.float32).eval()
+    part = DevicePart(adapter_for("gpt2"), model.transformer, SPLIT)
+    ids = torch.tensor([[4, 5, 6]])
+    with pytest.raises(SftoolError, match="not supported yet for the gpt2 family"):
+        part.decode(ids, torch.ones_like(ids), KeyValueCache())

@@ -28,6 +28,7 @@ def generate_command(
     answer_field: str = typer.Option("answer", help="Answer field of --data (needed with --eval)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of --data."),
     loss: bool = typer.Option(True, "--loss/--no-loss", help="With --eval: also the answer-token loss and perplexity."),
+    generation: bool = typer.Option(True, "--generation/--no-generation", help="With --eval: generate (off: the loss alone)."),
     threads: Optional[int] = typer.Option(None, help="torch and onnxruntime threads."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write every generation and the scores as JSON."),
 ) -> None:
@@ -45,6 +46,8 @@ def generate_command(
         raise SftoolError("give one of --prompt TEXT or --data FILE")
     if eval_ and data is None:
         raise SftoolError("--eval needs --data (rows with answers)")
+    if not generation and not (eval_ and loss):
+        raise SftoolError("--no-generation leaves nothing to do without --eval and --loss")
     if max_new_tokens < 1:
         raise SftoolError("--max-new-tokens must be >= 1")
     Sampler(temperature, top_p, seed)  # a bad --temperature/--top-p fails before any model loads
@@ -81,8 +84,10 @@ def generate_command(
         same = "" if "tokens_equal" not in row else f"; equal token for token: {'yes' if row['tokens_equal'] else 'no'}"
         log(f"[{done[0]}/{len(examples)}] id {row['id']}: {'; '.join(parts)}{same}")
 
-    rows = generate_rows(setup, examples, paths, max_new_tokens, temperature, top_p, seed, stop_at_answer,
-                         on_row=show if len(examples) > 1 else None)
+    rows = []
+    if generation:
+        rows = generate_rows(setup, examples, paths, max_new_tokens, temperature, top_p, seed, stop_at_answer,
+                             on_row=show if len(examples) > 1 else None)
     results = {"artifacts": str(artifacts), "model": setup.source, "run": str(run) if run else None, "paths": paths,
                "temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens,
                "summary": summarize_rows(rows, paths), "rows": rows}
@@ -101,7 +106,7 @@ def generate_command(
 
 def _print_summary(results: dict, paths: list[str]) -> None:
     summary = results["summary"]
-    if summary["n"] > 1 or "split_exact_match" in summary or "unsplit_exact_match" in summary:
+    if summary["n"]:
         for p in paths:
             if f"{p}_exact_match" in summary:
                 typer.echo(f"{p}: exact match {summary[f'{p}_exact_match']:.4f} ± {summary[f'{p}_exact_match_se']:.4f} "
