@@ -389,6 +389,7 @@ def export_device(opts: ExportOptions, log: Callable[[str], None] = print) -> Ma
             max_seq_len=max_seq_len,
             max_batch=opts.max_batch,
             pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
             variants=variants,
             files=files,
             weights_fingerprint=fingerprint,

@@ -21,7 +21,15 @@ from sftool.errors import SftoolError
 from sftool.runtime.activation_noise import NoiseDefense
 from sftool.runtime.device_client import ClientConfig, DeviceClient, OutgoingBatch
 from sftool.runtime.link_keys import check_plain_endpoint, load_keypair, load_public_key
-from sftool.runtime.local_data import TextEncoder, bucketed_batches, iter_epochs, read_examples
+from sftool.runtime.local_data import (
+    TextEncoder,
+    bucketed_batches,
+    encode_examples,
+    example_lengths,
+    iter_epochs,
+    read_examples,
+    read_prompt_answer,
+)
 from sftool.runtime.manifest import load_manifest, manifest_sha256
 from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant, cpu_target
 from sftool.runtime.protocol import FP16_MAX, MsgType, batch_arrays, encode
@@ -42,6 +50,13 @@ class DeviceOptions:
     label_field: str = "label"
     id_field: str = "id"
     label_names: Sequence[str] | None = None
+    #: "classification" (a label per row), or "causal-lm": prompt and answer fields, token labels on
+    #: the answer only (the server must train the same task).
+    task: str = "classification"
+    prompt_fields: Sequence[str] = ("question",)
+    answer_field: str = "answer"
+    #: Where the prompt goes in each causal-LM row's text (``{prompt}``), e.g. a chat template's turn.
+    prompt_template: str | None = None
     batch_size: int = 8
     epochs: int = 1
     precision: str = "auto"
@@ -126,7 +141,8 @@ class LocalBatches:
     """
 
     def __init__(self, examples, plan, epochs, skip_epochs, encoder, model, wire_dtype: str, device_id: str,
-                 slowdown: float = 1.0, defense: NoiseDefense | None = None):
+                 slowdown: float = 1.0, defense: NoiseDefense | None = None, token_labels: bool = False,
+                 eos_token_id: int | None = None):
         check_slowdown(slowdown)
         self.examples = examples
         self.epochs_plan = list(iter_epochs(plan, epochs))
@@ -134,6 +150,7 @@ class LocalBatches:
         self.encoder, self.model = encoder, model
         self.wire_dtype, self.device_id = wire_dtype, device_id
         self.slowdown = float(slowdown)
+        self.token_labels, self.eos_token_id = token_labels, eos_token_id
         self.defense = defense or NoiseDefense()
         self.rng = self.defense.generator()
         self.compute_s = 0.0
@@ -149,7 +166,7 @@ class LocalBatches:
         started = time.perf_counter()
         if self.first_batch_unix is None:
             self.first_batch_unix, self.first_batch_at = time.time(), started
-        ids, mask = self.encoder.encode([r.text for r in rows])
+        ids, mask, labels = encode_examples(self.encoder, rows, self.token_labels, self.eos_token_id)
         hidden = device_activations(self.model.forward(ids, mask), mask, self.wire_dtype, self.defense, self.rng)
         elapsed = time.perf_counter() - started
         self.compute_s += elapsed
@@ -157,14 +174,20 @@ class LocalBatches:
             # Sleeping, not spinning: the emulated edge time must not take CPU from the server and
             # the other devices sharing this machine, or it would slow them down as well.
             time.sleep((self.slowdown - 1.0) * elapsed)
-        arrays = batch_arrays(
-            hidden,
-            mask,
-            np.array([r.label for r in rows], dtype=np.int64),
-            np.array([r.sample_id for r in rows], dtype=np.int64),
-        )
+        arrays = batch_arrays(hidden, mask, labels, np.array([r.sample_id for r in rows], dtype=np.int64))
         frames = encode(MsgType.BATCH, self.device_id, arrays, seq=seq, epoch=epoch)
         return OutgoingBatch(seq, len(rows), frames)
+
+
+#: The tasks a device can stream data for.
+TASKS = ("classification", "causal-lm")
+
+
+def task_token_labels(task: str) -> bool:
+    """Whether ``task`` sends token labels ([B, T]) rather than class ids; a one-line error if unknown."""
+    if task not in TASKS:
+        raise SftoolError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
+    return task == "causal-lm"
 
 
 def check_slowdown(slowdown: float) -> None:
@@ -236,8 +259,12 @@ def run_device(
     if opts.batch_size > manifest.max_batch:
         raise SftoolError(f"--batch-size {opts.batch_size} exceeds the export's max batch {manifest.max_batch}")
     encoder = TextEncoder(Path(opts.artifacts) / manifest.tokenizer_file, max_len, manifest.pad_token_id)
-    examples = read_examples(opts.data, opts.text_fields, opts.label_field, opts.id_field, opts.label_names)
-    plan = bucketed_batches(encoder.lengths([e.text for e in examples]), opts.batch_size, opts.bucket_window)
+    token_labels = task_token_labels(opts.task)
+    if token_labels:
+        examples = read_prompt_answer(opts.data, opts.prompt_fields, opts.answer_field, opts.id_field, opts.prompt_template)
+    else:
+        examples = read_examples(opts.data, opts.text_fields, opts.label_field, opts.id_field, opts.label_names)
+    plan = bucketed_batches(example_lengths(encoder, examples, token_labels), opts.batch_size, opts.bucket_window)
 
     precision_label = variant.label
     client = DeviceClient(
@@ -255,6 +282,7 @@ def run_device(
             hello_timeout_s=float(os.environ.get("SFTOOL_HELLO_TIMEOUT", HELLO_TIMEOUT_S)),
             curve=curve,
             defense=opts.defense.wire(),
+            labels="token" if token_labels else "class",
         )
     )
     try:
@@ -268,7 +296,8 @@ def run_device(
         on_start(total, f"{opts.device_id} ({precision_label} on {cpu_target()})")
 
     batches = LocalBatches(examples, plan, opts.epochs, skip, encoder, model, opts.wire_dtype, opts.device_id,
-                           slowdown=opts.slowdown, defense=opts.defense)
+                           slowdown=opts.slowdown, defense=opts.defense, token_labels=token_labels,
+                           eos_token_id=manifest.eos_token_id)
     try:
         with _sigterm_as_interrupt():
             report = client.stream(batches, on_ack=(lambda b: on_ack(b.samples)) if on_ack else None)

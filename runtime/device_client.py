@@ -55,6 +55,8 @@ class ClientConfig:
     curve: dict[str, bytes] | None = None  # {"server_public", "public", "secret"} for CurveZMQ
     #: HELLO's ``defense``: the noise this device adds to its activations (runtime/activation_noise.py).
     defense: str = "none"
+    #: HELLO's ``labels``: ``class`` ids per sample, or ``token`` labels per position (causal LM).
+    labels: str = "class"
 
 
 @dataclass
@@ -232,6 +234,7 @@ class DeviceClient:
             num_samples=c.num_samples,
             epochs=c.epochs,
             defense=c.defense,
+            labels=c.labels,
         )
         self._send(hello)
         deadline = time.monotonic() + c.hello_timeout_s

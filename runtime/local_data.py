@@ -261,6 +261,26 @@ def encode_with_answers(
     return ids, mask, labels
 
 
+def encode_examples(
+    encoder: TextEncoder, rows: Sequence[Example], token_labels: bool = False, eos_token_id: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, mask and labels of a batch of examples, as a device sends them and the server evaluates
+    them: [B] class ids, or (``token_labels``) [B, T] token labels of prompt + answer rows."""
+    if token_labels:
+        return encode_with_answers(encoder, [r.text for r in rows], [r.answer or "" for r in rows], eos_token_id)
+    ids, mask = encoder.encode([r.text for r in rows])
+    return ids, mask, np.array([r.label for r in rows], dtype=np.int64)
+
+
+def example_lengths(encoder: TextEncoder, rows: Sequence[Example], token_labels: bool = False) -> list[int]:
+    """Token counts the batch plan buckets by: the text, or prompt + answer (an estimate within a token
+    or two of the encoded row, which is all bucketing needs; the plan stays deterministic)."""
+    if token_labels:
+        return [p + a for p, a in zip(encoder.lengths([r.text for r in rows]),
+                                      encoder.lengths([r.answer or "" for r in rows]))]
+    return encoder.lengths([r.text for r in rows])
+
+
 def bucketed_batches(lengths: Sequence[int], batch_size: int, window: int = 8) -> list[list[int]]:
     """Group indices into batches of similar length.
 

@@ -135,6 +135,8 @@ class Manifest:
     #: Largest |activation| the fp32 device part produced on the export's calibration text (real
     #: tokens only). The server's bound on received activations is this times a margin.
     activation_abs_max: float | None = None
+    #: The token that ends an answer (a causal-LM device appends it to every answer it trains on).
+    eos_token_id: int | None = None
     format_version: int = MANIFEST_FORMAT
     created_by: str = ""
     #: The decoder with a key/value cache, where the export has one (manifests without it still load).
@@ -154,8 +156,10 @@ class Manifest:
             raise SftoolError("the artifacts hold no decoder with a key/value cache; export with --with-decoder")
         return self.decoder
 
-    def batch_schema(self, num_labels: int, activation_bound: float | None = None) -> BatchSchema:
-        """The rules a BATCH from a device of this split must satisfy. The bound on |activation| is
+    def batch_schema(self, num_labels: int, activation_bound: float | None = None,
+                     token_labels: bool = False) -> BatchSchema:
+        """The rules a BATCH from a device of this split must satisfy: ``num_labels`` valid label
+        values, one per sample or (``token_labels``) one per position. The bound on |activation| is
         ``activation_bound`` if given, else the export's calibrated maximum times ACTIVATION_MARGIN."""
         if activation_bound is None:
             activation_bound = (self.activation_abs_max * ACTIVATION_MARGIN if self.activation_abs_max
@@ -165,6 +169,7 @@ class Manifest:
             max_seq_len=self.max_seq_len,
             max_batch=self.max_batch,
             num_labels=num_labels,
+            token_labels=token_labels,
             max_abs_activation=float(activation_bound),
         )
 

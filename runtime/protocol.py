@@ -87,6 +87,9 @@ class ProtocolError(ValueError):
 
 #: The token label that means "not a target" (prompt and padding positions of a causal-LM batch).
 IGNORE_INDEX = -100
+#: What a device's labels are (HELLO ``labels``): one class id per sample ([B]), or one token label
+#: per position ([B, T], IGNORE_INDEX where a position is no target).
+LABEL_KINDS = ("class", "token")
 
 #: Wire dtypes by name. Only these ever cross the wire; all little-endian.
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -284,6 +287,7 @@ class Hello(Message):
     wire_dtype: str = wire("str", choices=WIRE_NAMES, doc="activation dtype the device sends; `fp16` devices may fall back to float32 per batch")
     num_samples: int = wire("int", -1, lo=-1, hi=MAX_INT, doc="samples the device will send over all epochs; -1 if unknown")
     epochs: int = wire("int", 1, lo=1, hi=MAX_EPOCHS, doc="passes over the local data")
+    labels: str = wire("str", "class", choices=LABEL_KINDS, doc="`class`: one class id per sample; `token`: one token label per position (causal LM)")
     defense: str = wire("str", "none", max_len=64, doc="noise the device adds to its activations: `none`, `gauss:ratio=R` or `gauss:clip=C,sigma=S`")
 
 
@@ -389,10 +393,10 @@ def _is_hex64(text: str) -> bool:
 
 #: A batch's arrays, by name: allowed wire dtypes and rank. Frames follow ``arrays`` order, which a
 #: receiver matches by name, never by position.
-BATCH_ARRAYS: dict[str, tuple[tuple[str, ...], int]] = {
+BATCH_ARRAYS: dict[str, tuple[tuple[str, ...], int | tuple[int, ...]]] = {
     "hidden": (("float16", "float32"), 3),
     "attention_mask": (("uint8",), 2),
-    "labels": (("int64",), 1),
+    "labels": (("int64",), (1, 2)),
     "sample_ids": (("int64",), 1),
 }
 
@@ -409,7 +413,10 @@ class BatchSchema:
     hidden_size: int
     max_seq_len: int
     max_batch: int
+    #: Valid label values 0..num_labels-1: the classes, or the vocabulary for token labels.
     num_labels: int
+    #: Labels are [B, T] token labels (IGNORE_INDEX allowed) instead of [B] class ids.
+    token_labels: bool = False
     hidden_dtypes: tuple[str, ...] = ("float16", "float32")
     #: Largest |activation| accepted: beyond it a value is an attack or a broken device, and would make
     #: the loss, and every later step, non-finite.
@@ -424,7 +431,8 @@ class BatchSchema:
     def max_message_bytes(self) -> int:
         """The most bytes a valid BATCH can carry over all its frames (header included)."""
         b, t = self.max_batch, self.max_seq_len
-        return self.max_frame_bytes + b * t + 2 * 8 * b + MAX_HEADER_BYTES
+        label_bytes = 8 * b * (t if self.token_labels else 1)
+        return self.max_frame_bytes + b * t + label_bytes + 8 * b + MAX_HEADER_BYTES
 
     def for_wire(self, wire_dtype: str) -> BatchSchema:
         """The schema for a device that announced ``wire_dtype``: an fp32 device never sends float16."""
@@ -445,7 +453,7 @@ class Batch:
     epoch: int
     hidden: np.ndarray  # [B, T, H] float16 or float32
     attention_mask: np.ndarray  # [B, T] uint8, 1 = real token
-    labels: np.ndarray  # [B] int64
+    labels: np.ndarray  # [B] int64 class ids, or [B, T] token labels
     sample_ids: np.ndarray  # [B] int64
 
     @property
@@ -477,8 +485,9 @@ def _array_specs(specs: Any, bad) -> dict[str, tuple[str, tuple[int, ...], int]]
         dtypes, rank = BATCH_ARRAYS[name]
         if dtype not in dtypes:
             raise bad(f"{name} dtype {_short(dtype)} not in {dtypes}")
-        if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(d) and 0 <= d <= MAX_INT for d in shape):
-            raise bad(f"{name} shape {_short(shape)} must be {rank} non-negative ints")
+        ranks = rank if isinstance(rank, tuple) else (rank,)
+        if not isinstance(shape, list) or len(shape) not in ranks or not all(_is_int(d) and 0 <= d <= MAX_INT for d in shape):
+            raise bad(f"{name} shape {_short(shape)} must be {' or '.join(map(str, ranks))} non-negative ints")
         out[name] = (dtype, tuple(shape), index)
     return out
 
@@ -489,7 +498,7 @@ def decode_batch(header: Header, frames: Sequence[Any], schema: BatchSchema) -> 
     Checks, in order: the header's fields, the array list names each of the four arrays once,
     dtypes are allowed, shapes agree with each other and with the manifest's limits, every frame's
     byte count matches its declared shape, masks are 0/1 with a real token per row, labels are in
-    range, sample ids are distinct, and every activation is finite and within the schema's bound.
+    range (token labels: or IGNORE_INDEX, which every padding position must be), sample ids are distinct, and every activation is finite and within the schema's bound.
     """
     msg = parse_message(header)
     assert isinstance(msg, BatchHeader)
@@ -512,9 +521,12 @@ def decode_batch(header: Header, frames: Sequence[Any], schema: BatchSchema) -> 
         raise bad(f"sequence length {t} outside 1..{schema.max_seq_len}")
     if specs["attention_mask"][1] != (b, t):
         raise bad(f"attention_mask shape {list(specs['attention_mask'][1])} != [{b}, {t}]")
-    for name in ("labels", "sample_ids"):
-        if specs[name][1] != (b,):
-            raise bad(f"{name} shape {list(specs[name][1])} != [{b}]")
+    if specs["sample_ids"][1] != (b,):
+        raise bad(f"sample_ids shape {list(specs['sample_ids'][1])} != [{b}]")
+    want_labels = (b, t) if schema.token_labels else (b,)
+    if specs["labels"][1] != want_labels:
+        kind = "token labels" if schema.token_labels else "class labels"
+        raise bad(f"labels shape {list(specs['labels'][1])} != {list(want_labels)} (this session sends {kind})")
 
     arrays: dict[str, np.ndarray] = {}
     for name, (dtype_name, shape, index) in specs.items():
@@ -530,9 +542,15 @@ def decode_batch(header: Header, frames: Sequence[Any], schema: BatchSchema) -> 
 
     mask = arrays["attention_mask"]
     _check_mask(mask, bad)
+    labels = arrays["labels"]
+    if schema.token_labels:
+        if np.any(labels[mask == 0] != IGNORE_INDEX):
+            raise bad(f"token labels at padding positions must be {IGNORE_INDEX}")
+        labels = labels[labels != IGNORE_INDEX]
     # As unsigned, a negative label is above every valid one: one scan checks both ends.
-    if int(arrays["labels"].view(np.uint64).max()) >= schema.num_labels:
-        raise bad(f"labels outside 0..{schema.num_labels - 1}")
+    if labels.size and int(labels.view(np.uint64).max()) >= schema.num_labels:
+        allowed = f" or {IGNORE_INDEX}" if schema.token_labels else ""
+        raise bad(f"labels outside 0..{schema.num_labels - 1}{allowed}")
     if not _distinct(arrays["sample_ids"]):
         raise bad("sample_ids must be distinct within a batch")
     hidden = arrays["hidden"]

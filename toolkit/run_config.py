@@ -5,7 +5,7 @@ the run folder keeps the result as ``run.toml``; ``--resume`` reads it back. The
 dataclass defaults of ``ServeOptions`` (and its ``LoraSettings`` / ``OptimSettings``), nowhere else.
 
     [model]      source, artifacts
-    [task]       num_labels, label_names
+    [task]       task, num_labels, label_names, prompt_fields, answer_field, prompt_template
     [lora]       rank, alpha, dropout, targets
     [optim]      lr, weight_decay, warmup_steps, max_grad_norm
     [train]      batch_size, mix_capacity, mixing, schedule, max_steps, max_samples, seed, threads,
@@ -31,7 +31,7 @@ RUN_CONFIG = "run.toml"
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("source", "artifacts"),
-    "task": ("num_labels", "label_names"),
+    "task": ("task", "num_labels", "label_names", "prompt_fields", "answer_field", "prompt_template"),
     "lora": ("lora",),
     "optim": ("optim",),
     "train": ("batch_size", "mix_capacity", "mixing", "schedule", "max_steps", "max_samples", "seed", "threads",

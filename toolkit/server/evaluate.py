@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches
+from sftool.runtime.local_data import Example, TextEncoder, bucketed_batches, encode_examples, example_lengths
 from sftool.runtime.manifest import Manifest
 from sftool.runtime.onnx_model import DeviceModel, choose_variant
 from sftool.server.split_model import SplitServerModel
@@ -47,18 +47,21 @@ class Evaluator:
         self.examples = list(examples)
         self.device = DeviceModel(artifacts, manifest, choose_variant(manifest, precision), threads=threads)
         self.encoder = TextEncoder(Path(artifacts) / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
-        lengths = self.encoder.lengths([e.text for e in self.examples])
+        self.token_labels = bool(model.task.label_spec.dims)
+        self.eos_token_id = manifest.eos_token_id
+        lengths = example_lengths(self.encoder, self.examples, self.token_labels)
         self.batches = bucketed_batches(lengths, batch_size, window=len(lengths))
-        self._hidden_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._hidden_cache: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]] | None = None
 
-    def _device_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _device_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         # The device layers are frozen: their outputs never change, so compute them once.
         if self._hidden_cache is None:
             self._hidden_cache = []
             for idx in self.batches:
-                ids, mask = self.encoder.encode([self.examples[i].text for i in idx])
+                rows = [self.examples[i] for i in idx]
+                ids, mask, labels = encode_examples(self.encoder, rows, self.token_labels, self.eos_token_id)
                 hidden = self.device.forward(ids, mask)
-                self._hidden_cache.append((torch.from_numpy(np.ascontiguousarray(hidden)), torch.from_numpy(mask)))
+                self._hidden_cache.append((torch.from_numpy(np.ascontiguousarray(hidden)), torch.from_numpy(mask), labels))
         return self._hidden_cache
 
     @torch.no_grad()
@@ -68,9 +71,9 @@ class Evaluator:
         self.model.eval()
         score = Score()
         task = self.model.task
-        for idx, (hidden, mask) in zip(self.batches, self._device_outputs()):
+        for hidden, mask, labels in self._device_outputs():
             at = self.model.device
-            labels = task.labels_tensor([self.examples[i].label for i in idx]).to(at)
+            labels = task.labels_tensor(list(labels)).to(at)
             score.add(task.score(self.model(hidden.to(at), mask.to(at)), labels))
         self.model.train(was_training)
         return EvalResult(score.accuracy, score.loss, score.count, time.perf_counter() - started)

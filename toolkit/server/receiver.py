@@ -468,6 +468,10 @@ class Receiver(threading.Thread):
             )
         if hello.split != accepted.manifest.split:
             raise ProtocolError(ErrorCode.MANIFEST_MISMATCH, f"split {hello.split} != manifest split {accepted.manifest.split}")
+        token_labels = hello.labels == "token"
+        if token_labels != accepted.schema.token_labels:
+            trains = "a causal LM (token labels)" if accepted.schema.token_labels else "a classifier (class labels)"
+            raise ProtocolError(ErrorCode.REFUSED, f"this server trains {trains}; the device sends {hello.labels} labels")
         if hello.num_samples > self.limits.max_samples_per_device:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                                 f"{hello.num_samples} samples announced; this server takes at most "

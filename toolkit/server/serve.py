@@ -19,7 +19,7 @@ import torch
 from sftool.errors import SftoolError
 from sftool.run_config import RUN_CONFIG, load_run_config, write_run_config
 from sftool.run_folder import read_run_record, write_run_record, write_summary
-from sftool.runtime.local_data import read_examples
+from sftool.runtime.local_data import read_examples, read_prompt_answer
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.server.accelerator import describe, resolve_device, resolve_precision
 from sftool.server.activation_cache import ActivationCache
@@ -42,7 +42,7 @@ from sftool.training.loop import Budget, TrainingLoop
 from sftool.training.methods.splitfrozen import SplitFrozen
 from sftool.training.run_logger import RunLogger
 from sftool.training.sources import Inbox, MixedActivations, ReceiverInbox, SimulatedDevice, SimulatedInbox
-from sftool.training.task import ClassificationTask
+from sftool.training.task import CausalLMTask, ClassificationTask, Task
 
 log = logging.getLogger("sftool.server")
 SCHEDULES = ("pipelined", "sequential")
@@ -54,8 +54,15 @@ class ServeOptions:
     artifacts: Sequence[Path]
     bind: str = "tcp://127.0.0.1:5555"
     out: Path = Path("runs/latest")
+    #: "classification", or "causal-lm" (devices send token labels; the loss covers answer tokens).
+    task: str = "classification"
     num_labels: int = 2
     label_names: Sequence[str] | None = None
+    #: causal-lm: the prompt field(s), the answer field and the prompt template of --eval-data rows
+    #: (the devices are given theirs: ``sftool device --task causal-lm``).
+    prompt_fields: Sequence[str] = ("question",)
+    answer_field: str = "answer"
+    prompt_template: str | None = None
     devices: int = 1
     batch_size: int = 16
     mix_capacity: int = 256
@@ -130,7 +137,8 @@ def _load_accepted(opts: ServeOptions) -> dict[str, AcceptedSplit]:
         if any(a.manifest.split == manifest.split for a in accepted.values()):
             raise SftoolError(f"two artifacts folders export split {manifest.split}; give one per split")
         # The wire validates labels against the task's label spec (class ids 0..num_values-1 for classification).
-        schema = manifest.batch_schema(task_of(opts).label_spec.num_values, opts.activation_bound)
+        spec = task_of(opts).label_spec
+        schema = manifest.batch_schema(spec.num_values, opts.activation_bound, token_labels=bool(spec.dims))
         accepted[sha] = AcceptedSplit(sha, manifest, schema)
     if not accepted:
         raise SftoolError("give at least one --artifacts folder (the device export this server accepts)")
@@ -151,8 +159,15 @@ def _check_model_matches(model: SplitServerModel, manifests: list[tuple[Path, Ma
             )
 
 
-def task_of(opts: ServeOptions) -> ClassificationTask:
-    """The task a run trains (classification: the number of labels and their names)."""
+def task_of(opts: ServeOptions) -> Task:
+    """The task a run trains: classification (the number of labels and their names), or next-token
+    prediction on the answers over the model's vocabulary."""
+    if opts.task == "causal-lm":
+        from sftool.exporters.model_source import load_config
+
+        return CausalLMTask(int(load_config(opts.source).vocab_size))
+    if opts.task != "classification":
+        raise SftoolError(f"--task must be classification or causal-lm, not {opts.task!r}")
     return ClassificationTask(opts.num_labels, tuple(opts.label_names) if opts.label_names else None)
 
 
@@ -534,6 +549,8 @@ def _check_options(opts: ServeOptions) -> None:
         raise SftoolError("--devices, --batch-size, --window and --queue-size must be >= 1")
     if opts.label_names and len(opts.label_names) != opts.num_labels:
         raise SftoolError(f"{len(opts.label_names)} label names for {opts.num_labels} labels")
+    if opts.task == "causal-lm" and opts.cache_activations:
+        raise SftoolError("--cache-activations keeps one class label per sample: it does not take --task causal-lm yet")
 
 
 def _run_record(opts: ServeOptions, accepted: dict[str, AcceptedSplit]) -> dict:
@@ -551,9 +568,13 @@ def _make_evaluator(opts: ServeOptions, model: SplitServerModel, manifests: list
     if opts.eval_data is None:
         return None
     folder, manifest = next((f, m) for f, m in manifests if m.split == model.train_from)
-    examples = read_examples(opts.eval_data, opts.eval_text_fields, opts.eval_label_field, label_names=opts.label_names)
-    if any(not 0 <= e.label < opts.num_labels for e in examples):
-        raise SftoolError(f"{opts.eval_data}: labels outside 0..{opts.num_labels - 1}")
+    if opts.task == "causal-lm":
+        examples = read_prompt_answer(opts.eval_data, opts.prompt_fields, opts.answer_field,
+                                      template=opts.prompt_template)
+    else:
+        examples = read_examples(opts.eval_data, opts.eval_text_fields, opts.eval_label_field, label_names=opts.label_names)
+        if any(not 0 <= e.label < opts.num_labels for e in examples):
+            raise SftoolError(f"{opts.eval_data}: labels outside 0..{opts.num_labels - 1}")
     return Evaluator(model, folder, manifest, examples, precision=opts.eval_precision, threads=opts.threads)
 
 
