@@ -280,3 +280,28 @@ def decode(
         raise exit_for(exc) from None
     print_decode_bench(results)
     _save(results, out)
+
+
+@app.command()
+def scale(
+    model: str = typer.Option("smollm2-135m-instruct", help="The model the artifacts were exported from."),
+    artifacts: Path = typer.Option(..., help="A device export of that model (its split is the server's)."),
+    batch_size: int = typer.Option(16, metavar="N", help="Global batch of one step (split over the ranks)."),
+    seq_len: int = typer.Option(64, metavar="N", help="Tokens per sample of the synthetic activation batches."),
+    steps: int = typer.Option(6, metavar="N", help="Timed steps per run (the median is reported)."),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="Cores to use in all, split over the ranks (default: all)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON."),
+) -> None:
+    """Server ranks side by side: 1 vs 2 ranks on this host, the all-reduce, a projection to 8-64 ranks."""
+    from rich.console import Console
+    from sftool.bench_scale import ScaleConfig, print_scale_bench, run_scale_bench
+
+    err = Console(stderr=True, highlight=False)
+    if batch_size < 2 or steps < 1:
+        raise exit_for(SftoolError("--batch-size must be >= 2 (two ranks share it) and --steps >= 1")) from None
+    if not (artifacts / "manifest.json").is_file():
+        raise exit_for(SftoolError(f"{artifacts} is not a device export (no manifest.json)")) from None
+    cfg = ScaleConfig(model=model, artifacts=artifacts, batch_size=batch_size, seq_len=seq_len, steps=steps, threads=threads)
+    results = run_scale_bench(cfg, log=lambda m: err.print(f"[dim]bench:[/] {m}"))
+    print_scale_bench(results, Console())
+    _save(results, out)
