@@ -526,6 +526,8 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.simplefilter("ignore")
+    # Child processes (spawned ranks, benches' fresh interpreters) start with their own filters.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     for name in ("transformers", "torch.onnx", "onnxscript", "optimum", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
