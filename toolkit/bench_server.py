@@ -9,8 +9,9 @@
 (d) block activations stored vs recomputed in the backward (``--recompute``): time per step and
     peak memory at a long-row batch.
 
-Times are medians of interleaved repetitions; peak memory is measured in a fresh subprocess per
-variant (Linux VmHWM), since freed memory stays in the allocator and would blur in-process peaks.
+In (a) and (d) every variant runs in a fresh subprocess per repetition, variants alternating: it
+reports its step times (the median is taken) and its peak memory (Linux VmHWM), which in one process
+would blur, since freed memory stays in the allocator.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ RECOMPUTE_DROPOUT = 0.05
 RECOMPUTE_VARIANTS = {"stored": ("decomposed", False, RECOMPUTE_DROPOUT), "recompute": ("decomposed", True, RECOMPUTE_DROPOUT)}
 
 
-def measure_backward_memory(cfg: BenchConfig, mode: str, recompute: bool = False, dropout: float = 0.0) -> dict:
-    """Peak RSS of training steps in ``mode``, in this process (run it in a fresh subprocess)."""
+def measure_variant(cfg: BenchConfig, mode: str, recompute: bool = False, dropout: float = 0.0) -> dict:
+    """Step times and peak RSS of training steps in ``mode``, in this process: run it in a fresh
+    subprocess, since freed memory stays in the allocator and would blur the next variant's peak."""
     import torch
 
     if cfg.threads:
@@ -126,45 +128,39 @@ def measure_backward_memory(cfg: BenchConfig, mode: str, recompute: bool = False
     step(batches[0])  # allocator warm-up
     _reset_peak()
     baseline = proc_status_mb("VmHWM")
+    times = []
     for b in batches:
+        torch.manual_seed(0)
+        started = time.perf_counter()
         step(b)
+        times.append(time.perf_counter() - started)
     peak = proc_status_mb("VmHWM")
-    return {"mode": mode, "peak_rss_mb": peak, "step_extra_mb": peak - baseline}
+    return {"mode": mode, "step_s": times, "peak_rss_mb": peak, "step_extra_mb": peak - baseline}
+
+
+def _run_variant(cfg: BenchConfig, mode: str, recompute: bool, dropout: float) -> dict:
+    code = (
+        "import json,sys; from pathlib import Path; from sftool.bench_server import BenchConfig, measure_variant;"
+        "cfg=BenchConfig(**json.loads(sys.argv[1])); cfg.artifacts=Path(cfg.artifacts);"
+        f"print(json.dumps(measure_variant(cfg, {mode!r}, {recompute!r}, {dropout!r})))"
+    )
+    arg = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()})
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _side_by_side(cfg: BenchConfig, variants: dict[str, tuple[str, bool, float]], baseline: str) -> dict:
-    """Median step time (interleaved, in this process) and peak memory (a fresh subprocess each) of
-    every variant (backward mode, recompute, dropout), with ratios to ``baseline``."""
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    batches = None
+    """Median step time and peak memory of every variant (backward mode, recompute, dropout), each in
+    a fresh subprocess per repetition, variants alternating so machine noise hits all alike; with
+    ratios to ``baseline``."""
     times: dict[str, list[float]] = {name: [] for name in variants}
-    steps = {}
-    for name, (mode, recompute, dropout) in variants.items():
-        model, manifest = _server_model(cfg, recompute, dropout)
-        model.train()
-        steps[name] = backward_step(model, mode)
-        batches = batches or [_train_batch(*b[:3]) for b in _batches(cfg, manifest.hidden_size, 2)]
-        steps[name](batches[0])  # warm-up
-    for _ in range(cfg.repeats):
-        for name in variants:  # interleaved, so machine noise hits every variant alike
-            torch.manual_seed(0)
-            started = time.perf_counter()
-            steps[name](batches[1])
-            times[name].append(time.perf_counter() - started)
-    steps.clear()
-    memory = {}
-    for name, (mode, recompute, dropout) in variants.items():
-        code = (
-            "import json,sys; from pathlib import Path; from sftool.bench_server import BenchConfig, measure_backward_memory;"
-            "cfg=BenchConfig(**json.loads(sys.argv[1])); cfg.artifacts=Path(cfg.artifacts);"
-            f"print(json.dumps(measure_backward_memory(cfg, {mode!r}, {recompute!r}, {dropout!r})))"
-        )
-        arg = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()})
-        out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True).stdout
-        memory[name] = json.loads(out.strip().splitlines()[-1])
+    memory: dict[str, dict] = {}
+    for _ in range(max(1, cfg.repeats // 3)):
+        for name, (mode, recompute, dropout) in variants.items():
+            r = _run_variant(cfg, mode, recompute, dropout)
+            times[name] += r["step_s"]
+            if name not in memory or r["peak_rss_mb"] > memory[name]["peak_rss_mb"]:
+                memory[name] = r
     base_t = statistics.median(times[baseline])
     base_m = memory[baseline]["step_extra_mb"]
     return {
