@@ -73,9 +73,15 @@ def generate_command(
         + ("greedy" if temperature == 0 else f"temperature {temperature}, top-p {top_p}, seed {seed}"))
 
     done = [0]
+    settings = {"artifacts": str(artifacts), "model": setup.source, "run": str(run) if run else None, "paths": paths,
+                "temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens}
+    finished: list[dict] = []
 
     def show(row: dict) -> None:
         done[0] += 1
+        finished.append(row)
+        if out:  # every row on disk as soon as it is done: an interrupted evaluation keeps what it did
+            write_json(out, {**settings, "partial": True, "rows": finished})
         parts = []
         for p in paths:
             g = row[p]
@@ -88,12 +94,10 @@ def generate_command(
     if generation:
         rows = generate_rows(setup, examples, paths, max_new_tokens, temperature, top_p, seed, stop_at_answer,
                              on_row=show if len(examples) > 1 else None)
-    results = {"artifacts": str(artifacts), "model": setup.source, "run": str(run) if run else None, "paths": paths,
-               "temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens,
-               "summary": summarize_rows(rows, paths), "rows": rows}
+    results = {**settings, "summary": summarize_rows(rows, paths), "rows": rows}
     if eval_ and loss:
         log("answer-token loss on the same rows")
-        results["loss"] = answer_token_loss(setup, examples, paths)
+        results["loss"] = answer_token_loss(setup, examples, paths, log=log if len(examples) > 8 else None)
     if out:
         write_json(out, results)
     if prompt is not None:

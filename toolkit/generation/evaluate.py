@@ -99,7 +99,7 @@ def summarize_rows(rows: Sequence[dict], paths: Sequence[str]) -> dict:
 
 
 def answer_token_loss(setup: GenerationSetup, examples: Sequence[Example], paths: Sequence[str],
-                      batch_size: int = 8) -> dict:
+                      batch_size: int = 8, log: Callable[[str], None] | None = None) -> dict:
     """Mean cross-entropy over the answer tokens (and EOS) per path, its perplexity, and the standard error
     of the per-sample mean loss."""
     import numpy as np
@@ -140,6 +140,8 @@ def answer_token_loss(setup: GenerationSetup, examples: Sequence[Example], paths
                 totals[path][0] += score.loss_sum
                 totals[path][1] += score.count
                 per_sample[path].append(score.loss)
+        if log:
+            log(f"loss: {min(start + batch_size, len(examples))}/{len(examples)} rows")
     out: dict = {"rows": len(examples)}
     for path in paths:
         loss = totals[path][0] / totals[path][1]
