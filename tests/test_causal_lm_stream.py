@@ -1,6 +1,6 @@
 """`sftool serve --task causal-lm` with two real `sftool device --task causal-lm` processes over
-loopback: token labels travel the wire, the server learns the answers (held-out answer-token loss
-falls), and a device that sends the other kind of labels is refused at HELLO with a clear reason."""
+loopback: token labels travel the wire (and the activation cache replays them), the server learns
+the answers (held-out answer-token loss falls), and a device that sends the other kind of labels is refused at HELLO with a clear reason."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def test_causal_lm_streams_token_labels_and_learns_the_answers(tiny_model, tiny_
         "serve", "--model", tiny_model("llama"), "--artifacts", artifacts, "--bind", endpoint, "--out", run,
         "--task", "causal-lm", "--devices", "2", "--batch-size", "8", "--mix-capacity", "32", "--lr", "3e-3",
         "--lora-dropout", "0", "--threads", "1", "--eval-data", eval_file, "--prompt-template", "Q: {prompt}\nA:",
+        "--cache-activations",
     )
     blocked = torch_blocked_env(tmp_path)
     wrong = spawn("device", "--artifacts", artifacts, "--connect", endpoint, "--data", shards[0], "--device-id", "cls",
@@ -56,6 +57,8 @@ def test_causal_lm_streams_token_labels_and_learns_the_answers(tiny_model, tiny_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped"] == "all devices finished", server_out
     assert summary["samples_trained"] == 2 * 120 * 3
+    # Epochs 1 and 2 came from the activation cache, token labels included.
+    assert summary["samples_replayed_from_cache"] == 2 * 120 * 2
     before, after = summary["eval_before"], summary["eval_after"]
     # Answer tokens only (4 a row: three words and EOS). The tiny model's frozen, tied head has small
     # logits, so its loss falls slowly from near-uniform (log 64 = 4.16) while its argmax learns.

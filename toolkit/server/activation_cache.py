@@ -17,7 +17,7 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from sftool.runtime.files import atomic_write_text
@@ -34,7 +34,7 @@ STORED = {2: (np.float16, ".f16"), 4: (np.float32, ".f32")}
 class Entry:
     offset: int  # in elements of the stored dtype
     length: int  # tokens
-    label: int
+    label: int | tuple[int, ...]  # a class id, or the sample's token labels
     itemsize: int = 2  # 2: fp16, 4: fp32 (values beyond fp16's range)
 
 
@@ -74,7 +74,7 @@ class ActivationCache:
             self._files[(device, itemsize)] = fh
         return fh
 
-    def put(self, device: str, sample_id: int, label: int, hidden: np.ndarray) -> None:
+    def put(self, device: str, sample_id: int, label: int | Sequence[int], hidden: np.ndarray) -> None:
         """Store one sample's activation [T, H]: fp16, or fp32 if a value is beyond fp16's range."""
         if sample_id in self._index.get(device, {}):
             return
@@ -85,10 +85,10 @@ class ActivationCache:
         offset = fh.tell() // itemsize
         fh.write(data.tobytes())
         self.used += data.nbytes
-        self._index.setdefault(device, {})[sample_id] = Entry(offset, int(data.shape[0]), int(label), itemsize)
+        self._index.setdefault(device, {})[sample_id] = Entry(offset, int(data.shape[0]), _label(label), itemsize)
 
-    def get(self, device: str, sample_id: int) -> tuple[np.ndarray, int]:
-        """(activation [T, H] as stored, fp16 or fp32; label) of a cached sample."""
+    def get(self, device: str, sample_id: int) -> tuple[np.ndarray, int | tuple[int, ...]]:
+        """(activation [T, H] as stored, fp16 or fp32; label: a class id or token labels) of a cached sample."""
         entry = self._index[device][sample_id]
         fh = self._files.get((device, entry.itemsize))
         if fh is not None:
@@ -123,7 +123,8 @@ class ActivationCache:
         if not path.is_file():
             return
         data = json.loads(path.read_text())
-        self._index = {d: {int(k): Entry(*v) for k, v in entries.items()} for d, entries in data.items()}
+        self._index = {d: {int(k): Entry(v[0], v[1], _label(v[2]), v[3]) for k, v in entries.items()}
+                       for d, entries in data.items()}
         self.used = sum(e.length * e.itemsize for entries in self._index.values() for e in entries.values()) * self.hidden_size
         self.reserved = max(self.reserved, self.used)
 
@@ -131,6 +132,11 @@ class ActivationCache:
         for fh in self._files.values():
             fh.close()
         self._files.clear()
+
+
+def _label(value) -> int | tuple[int, ...]:
+    """A class id as an int, token labels as a tuple (JSON hands them back as a list)."""
+    return int(value) if np.ndim(value) == 0 else tuple(int(v) for v in value)
 
 
 def _safe(device: str) -> str:

@@ -549,8 +549,6 @@ def _check_options(opts: ServeOptions) -> None:
         raise SftoolError("--devices, --batch-size, --window and --queue-size must be >= 1")
     if opts.label_names and len(opts.label_names) != opts.num_labels:
         raise SftoolError(f"{len(opts.label_names)} label names for {opts.num_labels} labels")
-    if opts.task == "causal-lm" and opts.cache_activations:
-        raise SftoolError("--cache-activations keeps one class label per sample: it does not take --task causal-lm yet")
 
 
 def _run_record(opts: ServeOptions, accepted: dict[str, AcceptedSplit]) -> dict:

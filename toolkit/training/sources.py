@@ -325,6 +325,8 @@ class MixedActivations:
                     self.samples_replayed += 1
                     n = hidden.shape[0]
                     at = self.model.device
+                    if isinstance(label, tuple):  # token labels
+                        label = torch.tensor(label, dtype=torch.long, device=at)
                     return Sample(torch.from_numpy(hidden.astype("float32")).to(at), torch.ones(n, dtype=torch.long, device=at),
                                   label, device, sample_id, self._replay_epoch, -1)
                 self._replay = None
@@ -356,7 +358,8 @@ class MixedActivations:
         lengths = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(-1).tolist()  # to the last real token
         if self.cache is not None and b.device in self._replay_plan():
             for j, (i, n) in enumerate(zip(keep, lengths)):
-                self.cache.put(b.device, int(b.sample_ids[i]), int(b.labels[i]), hidden[j, :n].cpu().numpy())
+                label = int(b.labels[i]) if b.labels.ndim == 1 else b.labels[i, :n].tolist()
+                self.cache.put(b.device, int(b.sample_ids[i]), label, hidden[j, :n].cpu().numpy())
         self.buffer.add([
             Sample(hidden[j, :n].clone(), mask[j, :n].clone(), _label_of(b.labels, i, n, hidden.device), b.device,
                    int(b.sample_ids[i]), b.epoch, b.seq)
