@@ -242,6 +242,7 @@ def run_device(
         raise SftoolError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
     if opts.epochs < 1:
         raise SftoolError("--epochs must be >= 1")
+    token_labels = task_token_labels(opts.task)
     check_slowdown(opts.slowdown)
     curve = link_curve(opts)  # before the model loads: a key mistake fails at once
     started = time.perf_counter()
@@ -259,7 +260,6 @@ def run_device(
     if opts.batch_size > manifest.max_batch:
         raise SftoolError(f"--batch-size {opts.batch_size} exceeds the export's max batch {manifest.max_batch}")
     encoder = TextEncoder(Path(opts.artifacts) / manifest.tokenizer_file, max_len, manifest.pad_token_id)
-    token_labels = task_token_labels(opts.task)
     if token_labels:
         examples = read_prompt_answer(opts.data, opts.prompt_fields, opts.answer_field, opts.id_field, opts.prompt_template)
     else:
