@@ -60,6 +60,31 @@ def host_to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return tensor
 
 
+#: glibc's mallopt parameters (malloc.h): a freed block above the mmap threshold goes back to the
+#: system at once; a trim threshold of 0 returns the heap's free top as well.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks of at least this many bytes are mmapped (activations are megabytes; small tensors stay on the heap).
+MMAP_THRESHOLD = 64 * 1024
+
+
+def return_freed_memory() -> bool:
+    """Have glibc hand freed activation memory back to the system instead of keeping it for reuse.
+
+    With its default, dynamic threshold, glibc's heap keeps what a step freed, and a server's resident
+    memory grows to the largest step plus the fragments around it (SmolLM2 split 6 at 16 x 256 tokens
+    with recomputed blocks: 3.7 GB resident for 0.8 GB of live tensors; 1.5 GB with this). Applied
+    for ``--recompute``, whose point is memory. False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 0))
+
+
 def describe(device: torch.device, precision: str) -> str:
     """One line for the log: which device, which precision."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -21,7 +21,7 @@ from sftool.run_config import RUN_CONFIG, load_run_config, write_run_config
 from sftool.run_folder import read_run_record, write_run_record, write_summary
 from sftool.runtime.local_data import read_examples, read_prompt_answer
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
-from sftool.server.accelerator import describe, resolve_device, resolve_precision
+from sftool.server.accelerator import describe, resolve_device, resolve_precision, return_freed_memory
 from sftool.server.activation_cache import ActivationCache
 from sftool.server.checkpoint import (
     TrainingProgress,
@@ -176,6 +176,8 @@ def _build_model(opts: ServeOptions, log_line: Callable[[str], None]) -> tuple[S
     log_line(f"loading {opts.source} (splits {sorted(m.split for _, m in manifests)})")
     device = resolve_device(opts.accelerator)
     precision = resolve_precision(opts.precision, device)
+    if opts.recompute:
+        return_freed_memory()
     model = SplitServerModel(
         SplitModelSpec(opts.source, task_of(opts), [m.split for _, m in manifests], manifests[0][1].pad_token_id,
                        opts.lora, recompute=opts.recompute, precision=precision)
