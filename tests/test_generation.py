@@ -256,3 +256,13 @@ def test_families_without_cached_blocks_say_so(tiny_model):
     ids = torch.tensor([[4, 5, 6]])
     with pytest.raises(SftoolError, match="not supported yet for the gpt2 family"):
         part.decode(ids, torch.ones_like(ids), KeyValueCache())
+
+
+def test_plain_generation_over_a_data_file_scores_nothing(decoder_export, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"question": "w3 w4 good"}) + "\n" + json.dumps({"question": "w5 plot"}) + "\n")
+    out = tmp_path / "gen.json"
+    result = run_cli("generate", "--artifacts", decoder_export, "--data", data, "--max-new-tokens", "5", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(len(r["split"]["tokens"]) == 5 and "exact_match" not in r["split"] for r in rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,6 +43,8 @@ def read_prompts(data: str, template: str | None, prompt_fields: Sequence[str] =
             examples = read_prompt_answer(path, prompt_fields, answer, id_field, template)
     else:
         examples = read_prompt_answer(Path(data), prompt_fields, answer, id_field, template)
+    if answer_field is None:
+        examples = [replace(e, answer=None) for e in examples]
     return examples[:limit] if limit else examples
 
 
