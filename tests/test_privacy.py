@@ -156,3 +156,24 @@ def test_audit_writes_results_and_bad_input_is_one_line(tiny_artifacts, tmp_path
     assert "--noise-ratio and --clip" in one_line_error(
         run_cli("device", "--artifacts", folder, "--connect", "tcp://127.0.0.1:1", "--data", data, "--device-id", "d",
                 "--noise-ratio", "0.5", "--clip", "1"))
+
+
+def test_simulated_devices_add_the_same_noise(tiny_artifacts):
+    from sftool.runtime.local_data import Example, TextEncoder
+    from sftool.runtime.manifest import load_manifest
+    from sftool.runtime.onnx_model import DeviceModel, choose_variant
+    from sftool.training.sources import SimulatedDevice, SimulatedInbox
+
+    folder = tiny_artifacts("gpt2")
+    manifest = load_manifest(folder)
+    model = DeviceModel(folder, manifest, choose_variant(manifest, "fp32"))
+    encoder = TextEncoder(folder / manifest.tokenizer_file, manifest.max_seq_len, manifest.pad_token_id)
+    examples = [Example(i, r["text"], r["label"]) for i, r in enumerate(synthetic_rows(8, seed=7))]
+    device = SimulatedDevice("d0", examples, 4).make_plan(encoder)
+    inbox = SimulatedInbox([device], model, encoder, manifest.split, wire_dtype="fp32", defense=NoiseDefense(ratio=0.5, seed=0))
+    batch = inbox.get(0.0).batch
+    ids, mask = encoder.encode([examples[int(i)].text for i in batch.sample_ids])
+    clean = model.forward(ids, mask)
+    real = mask.astype(bool)
+    ratios = np.linalg.norm((batch.hidden - clean)[real], axis=-1) / np.linalg.norm(clean[real], axis=-1)
+    assert abs(ratios.mean() - 0.5) < 0.05, ratios
