@@ -266,3 +266,16 @@ def test_plain_generation_over_a_data_file_scores_nothing(decoder_export, tmp_pa
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(len(r["split"]["tokens"]) == 5 and "exact_match" not in r["split"] for r in rows)
+
+
+def test_prompts_take_the_given_template_else_the_runs(decoder_export, varied_llama, tmp_path):
+    from sftool.generation.setup import build_setup
+    from sftool.run_config import RUN_CONFIG
+
+    given = build_setup(decoder_export, paths=["unsplit"], prompt_template="w0 {prompt}", log=lambda m: None)
+    assert given.template == "w0 {prompt}"
+    run = _lora_run(varied_llama, tmp_path / "run", layers=[2, 3])
+    (run / RUN_CONFIG).write_text('[model]\nsource = "x"\n[task]\ntask = "causal-lm"\nprompt_template = "Q: {prompt}\\nA:"\n')
+    assert build_setup(decoder_export, run=run, paths=["unsplit"], log=lambda m: None).template == "Q: {prompt}\nA:"
+    with pytest.raises(SftoolError, match="slot"):
+        build_setup(decoder_export, paths=["unsplit"], prompt_template="no slot", log=lambda m: None)

@@ -23,7 +23,8 @@ def generate_command(
     top_p: float = typer.Option(1.0, help="Sample from the smallest set of tokens whose probability reaches this."),
     seed: int = typer.Option(0, help="Seed of the sampler (each path its own, same seed)."),
     stop_at_answer: bool = typer.Option(True, "--stop-at-answer/--no-stop-at-answer", help="Stop once a '#### N' line is complete (and at EOS)."),
-    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Render prompts with the model's chat template where it has one."),
+    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Render prompts with the model's chat template where it has one (without --run)."),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Template with {prompt} (default: the run's, else the chat template)."),
     prompt_field: str = typer.Option("question", help="Prompt field(s) of --data; several joined by newline."),
     answer_field: str = typer.Option("answer", help="Answer field of --data (needed with --eval)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of --data."),
@@ -64,7 +65,7 @@ def generate_command(
     if data is not None and not Path(data).exists() and data != "gsm8k":
         raise SftoolError(f"no such data file: {data} (or name the built-in gsm8k)")
 
-    setup = build_setup(artifacts, model, run, paths, threads, chat_template, log)
+    setup = build_setup(artifacts, model, run, paths, threads, chat_template, log, prompt_template)
     if prompt is not None:
         examples = [Example(0, render_prompt(setup.template, prompt), -1)]
     else:

@@ -43,9 +43,12 @@ class RunAdapter:
     folder: Path
     config: dict
     layers: list[int] | None  # None: every block
+    #: The prompt template the run trained with (``[task] prompt_template``), None for bare prompts.
+    prompt_template: str | None = None
 
     @classmethod
     def read(cls, run_dir: Path) -> RunAdapter:
+        from sftool.run_config import RUN_CONFIG
         from sftool.run_folder import ADAPTER, read_run_record
         from sftool.server.checkpoint import adapter_weights_file
 
@@ -61,7 +64,12 @@ class RunAdapter:
                               "causal-LM run (sftool serve --task causal-lm)")
         layers = config.get("layers_to_transform")
         layers = [layers] if isinstance(layers, int) else (None if layers is None else [int(i) for i in layers])
-        return cls(folder, config, layers)
+        template = None
+        if (Path(run_dir) / RUN_CONFIG).is_file():
+            from sftool.server.serve import load_run_options
+
+            template = load_run_options(run_dir).prompt_template
+        return cls(folder, config, layers, template)
 
     def lora_settings(self):
         from sftool.settings import LoraSettings
@@ -114,9 +122,13 @@ def build_setup(
     threads: int | None = None,
     chat_template: bool = True,
     log: Callable[[str], None] = print,
+    prompt_template: str | None = None,
 ) -> GenerationSetup:
     """Load what ``paths`` need. Raises SftoolError on an export without a decoder, a run whose adapter
-    does not fit, or a model whose device blocks differ from the export's."""
+    does not fit, or a model whose device blocks differ from the export's.
+
+    Prompts are rendered with ``prompt_template`` where given, else with the template the run trained
+    with (none: bare prompts, as it trained), else with the model's chat template (``chat_template``)."""
     import torch
     from sftool.exporters.model_source import load_config, load_model, load_tokenizer
     from sftool.runtime.decoder_session import DecoderSession
@@ -140,7 +152,15 @@ def build_setup(
     config = load_config(source)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     tokenizer_file = artifacts / manifest.tokenizer_file
-    template = chat_prompt_template(load_tokenizer(str(artifacts))) if chat_template else None
+    if prompt_template is not None and PROMPT_SLOT not in prompt_template:
+        raise SftoolError(f"a prompt template needs the slot {PROMPT_SLOT}")
+    if prompt_template is not None:
+        template = prompt_template
+    elif adapter is not None:
+        template = adapter.prompt_template
+        log("prompts in the run's template" if template else "bare prompts, as the run trained")
+    else:
+        template = chat_prompt_template(load_tokenizer(str(artifacts))) if chat_template else None
     # The device's own tokenization: no truncation below the model's context.
     max_positions = int(getattr(config, "max_position_embeddings", 2048))
     setup = GenerationSetup(artifacts, manifest, source, TextEncoder(tokenizer_file, max_positions, manifest.pad_token_id),
