@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from sftool.errors import SftoolError
+from sftool.run_config import RUN_CONFIG
 from sftool.runtime.local_data import PROMPT_SLOT, TextEncoder
 from sftool.runtime.manifest import Manifest, load_manifest
 
@@ -43,12 +44,10 @@ class RunAdapter:
     folder: Path
     config: dict
     layers: list[int] | None  # None: every block
-    #: The prompt template the run trained with (``[task] prompt_template``), None for bare prompts.
-    prompt_template: str | None = None
+    run_dir: Path = Path(".")
 
     @classmethod
     def read(cls, run_dir: Path) -> RunAdapter:
-        from sftool.run_config import RUN_CONFIG
         from sftool.run_folder import ADAPTER, read_run_record
         from sftool.server.checkpoint import adapter_weights_file
 
@@ -64,12 +63,15 @@ class RunAdapter:
                               "causal-LM run (sftool serve --task causal-lm)")
         layers = config.get("layers_to_transform")
         layers = [layers] if isinstance(layers, int) else (None if layers is None else [int(i) for i in layers])
-        template = None
-        if (Path(run_dir) / RUN_CONFIG).is_file():
-            from sftool.server.serve import load_run_options
+        return cls(folder, config, layers, run_dir=Path(run_dir))
 
-            template = load_run_options(run_dir).prompt_template
-        return cls(folder, config, layers, template)
+    def training_template(self) -> str | None:
+        """The prompt template the run trained with (its run.toml's ``[task] prompt_template``), or None."""
+        if not (self.run_dir / RUN_CONFIG).is_file():
+            return None
+        from sftool.server.serve import load_run_options
+
+        return load_run_options(self.run_dir).prompt_template
 
     def lora_settings(self):
         from sftool.settings import LoraSettings
@@ -157,7 +159,7 @@ def build_setup(
     if prompt_template is not None:
         template = prompt_template
     elif adapter is not None:
-        template = adapter.prompt_template
+        template = adapter.training_template()
         log("prompts in the run's template" if template else "bare prompts, as the run trained")
     else:
         template = chat_prompt_template(load_tokenizer(str(artifacts))) if chat_template else None
