@@ -17,6 +17,8 @@ def test_a_runs_settings_round_trip_through_run_toml(tmp_path):
         num_labels=3, label_names=["x", "y", "z"], devices=5, batch_size=32, max_samples=1000, pace=False, seed=7,
         lora=LoraSettings(rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]), optim=OptimSettings(lr=1e-3, warmup_steps=0),
         eval_data=Path("eval.jsonl"), eval_text_fields=["sentence1", "sentence2"], cache_activations=True,
+        task="causal-lm", prompt_fields=["question", "context"], answer_field="solution", prompt_template="Q: {prompt}",
+        accelerator="cpu", precision="bf16", recompute=True,
     )
     write_run_config(tmp_path, opts)
     back = load_run_config(tmp_path / RUN_CONFIG, ServeOptions(source="", artifacts=[]))
