@@ -17,7 +17,7 @@ def test_a_runs_settings_round_trip_through_run_toml(tmp_path):
         num_labels=3, label_names=["x", "y", "z"], devices=5, batch_size=32, max_samples=1000, pace=False, seed=7,
         lora=LoraSettings(rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]), optim=OptimSettings(lr=1e-3, warmup_steps=0),
         eval_data=Path("eval.jsonl"), eval_text_fields=["sentence1", "sentence2"], cache_activations=True,
-        task="causal-lm", prompt_fields=["question", "context"], answer_field="solution", prompt_template="Q: {prompt}",
+        task="causal-lm", prompt_fields=["question", "context"], answer_field="solution", prompt_template="<|im_start|>user\n{prompt}\t\"x\" \\ é<|im_end|>\n",
         accelerator="cpu", precision="bf16", recompute=True,
     )
     write_run_config(tmp_path, opts)

@@ -19,6 +19,7 @@ dataclass defaults of ``ServeOptions`` (and its ``LoraSettings`` / ``OptimSettin
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (str, Path)):
-        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{text}"'
+        # JSON's string escapes (\n, \t, \", \\, \uXXXX) are all valid in a TOML basic string; a
+        # prompt template's newline written raw would make the file unreadable.
+        return json.dumps(str(value), ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
