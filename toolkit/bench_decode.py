@@ -14,7 +14,6 @@ per-token cost over the generation. Those recomputed logits' argmax must be the 
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from sftool.errors import SftoolError
+from sftool.runtime.files import cpu_name
 
 
 @dataclass
@@ -40,17 +40,6 @@ class DecodeBenchConfig:
     def validate(self) -> None:
         if min(self.prompts, self.max_new_tokens, self.recompute_every) < 1 or self.recompute_prompts < 0:
             raise SftoolError("--prompts, --max-new-tokens and --recompute-every must be >= 1, --recompute-prompts >= 0")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ensure_export(cfg: DecodeBenchConfig, work: Path, log: Callable[[str], None]) -> Path:

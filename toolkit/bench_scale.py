@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from sftool.runtime.files import cpu_name
 
 PROJECTED_RANKS = (8, 16, 32, 64)
 
@@ -156,7 +157,7 @@ def run_scale_bench(cfg: ScaleConfig, log: Callable[[str], None] = print) -> dic
     bandwidth = bytes_ / max(1e-9, r0["allreduce_trainable_s"] - r0["allreduce_small_s"])
     return {
         "config": cfg.as_dict(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "one_rank": {**one, "samples_per_s": cfg.batch_size / one["step_s"]},
         "two_ranks": {"step_s": step2, "samples_per_s": cfg.batch_size / step2, "threads_per_rank": r0["threads"],
                       # The collective alone, timed between steps; and inside a step, where it also waits
@@ -177,16 +178,6 @@ def run_scale_bench(cfg: ScaleConfig, log: Callable[[str], None] = print) -> dic
             "one rank per host with this host's cores; no GPU measured here (none present)",
         ],
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def print_scale_bench(r: dict, console) -> None:

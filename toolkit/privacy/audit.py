@@ -12,7 +12,6 @@ words of the decoded tokens, smoothed as in ``bleu.py``), mean BLEU, and the att
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from sftool.errors import SftoolError
 from sftool.runtime.activation_noise import NoiseDefense
+from sftool.runtime.files import cpu_name
 
 #: Built-in data sets whose text the inverter trains on by default (none of them is SST-2).
 DEFAULT_PUBLIC = ("mrpc", "rte", "gsm8k")
@@ -46,18 +46,6 @@ class AuditSettings:
     wire_dtype: str = "fp16"
     threads: int | None = None
     seed: int = 0
-
-
-def cpu_name() -> str:
-    """This machine's CPU model, for the figures' context."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_texts(path: Path, text_field: str, limit: int | None = None) -> list[str]:
