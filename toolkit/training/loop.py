@@ -107,7 +107,8 @@ class TrainingLoop:
         #: Samples trained by every rank together (the budget counts these); this rank's alone are
         #: ``progress.samples_trained``.
         self.global_samples = progress.samples_trained
-        self._ended = False
+        #: Why this rank's source ended (None: it has not).
+        self._ended: str | None = None
 
     def budget_reached(self) -> bool:
         return self.budget.reached(self.progress.step, self.global_samples)
@@ -123,11 +124,10 @@ class TrainingLoop:
                 return stop
             batch = None if (stop is not None or self._ended) else self.source.next_batch()
             if batch is END or (isinstance(batch, str) and not self.source.alive()):
-                self._ended = True
-                why = "all devices finished" if batch is END else "receiver stopped"
+                self._ended = "all devices finished" if batch is END else "receiver stopped"
             ready = batch is not None and batch is not END and not isinstance(batch, str)
             if self.ranks.distributed:
-                turn = self.ranks.agree(ready, self._ended, stop is not None)
+                turn = self.ranks.agree(ready, self._ended is not None, stop is not None)
                 if turn.stop:
                     return stop or "stopped by another rank"
                 if turn.all_ended:
@@ -139,7 +139,7 @@ class TrainingLoop:
                 elif self._ended:
                     time.sleep(0.01)  # waiting for the other ranks' sources to end
             elif self._ended:
-                return why
+                return self._ended
             elif ready:
                 self._step(batch)
             if on_progress and time.perf_counter() - last_report >= progress_every_s:
