@@ -116,7 +116,10 @@ class RankGroup:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the group together: a rank that tears its connections down while a peer is still
+        in a collective makes gloo abort that peer (SIGABRT)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
