@@ -83,6 +83,9 @@ def rank_run(rank: int, world: int, init: str, cfg_json: str, out: str) -> None:
     from sftool.server.trainer import OptimSettings, Trainer
     from sftool.training.distributed import RankGroup
 
+    # The rank's own stderr, C level included (gloo and libtorch report there), for the parent's error.
+    log = os.open(Path(out, f"rank{rank}-of-{world}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 2)
     cfg = ScaleConfig(**{**json.loads(cfg_json)})
     cfg.artifacts = Path(cfg.artifacts)
     cores = cfg.threads or os.cpu_count() or 1
@@ -123,8 +126,12 @@ def _spawn(world: int, cfg: ScaleConfig, folder: Path) -> list[dict]:
         p.start()
     for p in procs:
         p.join()
+    for rank, p in enumerate(procs):
         if p.exitcode != 0:
-            raise RuntimeError(f"a rank of the {world}-rank run exited with code {p.exitcode}")
+            log = folder / f"rank{rank}-of-{world}.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
+            raise RuntimeError(f"rank {rank} of the {world}-rank run exited with code {p.exitcode}: "
+                               + (" | ".join(tail) or "no output"))
     return [json.loads((folder / f"rank{r}-of-{world}.json").read_text()) for r in range(world)]
 
 
