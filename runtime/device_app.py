@@ -29,6 +29,7 @@ from sftool.runtime.local_data import (
     iter_epochs,
     read_examples,
     read_prompt_answer,
+    task_token_labels,
 )
 from sftool.runtime.manifest import load_manifest, manifest_sha256
 from sftool.runtime.onnx_model import DeviceModel, SessionSettings, choose_variant, cpu_target
@@ -177,17 +178,6 @@ class LocalBatches:
         arrays = batch_arrays(hidden, mask, labels, np.array([r.sample_id for r in rows], dtype=np.int64))
         frames = encode(MsgType.BATCH, self.device_id, arrays, seq=seq, epoch=epoch)
         return OutgoingBatch(seq, len(rows), frames)
-
-
-#: The tasks a device can stream data for.
-TASKS = ("classification", "causal-lm")
-
-
-def task_token_labels(task: str) -> bool:
-    """Whether ``task`` sends token labels ([B, T]) rather than class ids; a one-line error if unknown."""
-    if task not in TASKS:
-        raise SftoolError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
-    return task == "causal-lm"
 
 
 def check_slowdown(slowdown: float) -> None:

@@ -261,6 +261,18 @@ def encode_with_answers(
     return ids, mask, labels
 
 
+#: The tasks whose data this module reads: one label per row, or prompt and answer (causal LM).
+TASKS = ("classification", "causal-lm")
+
+
+def task_token_labels(task: str) -> bool:
+    """Whether ``task`` carries token labels ([B, T]) rather than class ids; a one-line error if unknown.
+    Devices and the server check ``--task`` here alike."""
+    if task not in TASKS:
+        raise SftoolError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
+    return task == "causal-lm"
+
+
 def encode_examples(
     encoder: TextEncoder, rows: Sequence[Example], token_labels: bool = False, eos_token_id: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import torch
 from sftool.errors import SftoolError
 from sftool.run_config import RUN_CONFIG, load_run_config, write_run_config
 from sftool.run_folder import read_run_record, write_run_record, write_summary
-from sftool.runtime.local_data import read_examples, read_prompt_answer
+from sftool.runtime.local_data import read_examples, read_prompt_answer, task_token_labels
 from sftool.runtime.manifest import Manifest, load_manifest, manifest_sha256
 from sftool.server.accelerator import describe, resolve_device, resolve_precision, return_freed_memory
 from sftool.server.activation_cache import ActivationCache
@@ -131,13 +131,13 @@ class Progress:
 
 def _load_accepted(opts: ServeOptions) -> dict[str, AcceptedSplit]:
     accepted: dict[str, AcceptedSplit] = {}
+    # The wire validates labels against the task's label spec (class ids 0..num_values-1 for classification).
+    spec = task_of(opts).label_spec
     for folder in opts.artifacts:
         manifest = load_manifest(folder)
         sha = manifest_sha256(folder)
         if any(a.manifest.split == manifest.split for a in accepted.values()):
             raise SftoolError(f"two artifacts folders export split {manifest.split}; give one per split")
-        # The wire validates labels against the task's label spec (class ids 0..num_values-1 for classification).
-        spec = task_of(opts).label_spec
         schema = manifest.batch_schema(spec.num_values, opts.activation_bound, token_labels=bool(spec.dims))
         accepted[sha] = AcceptedSplit(sha, manifest, schema)
     if not accepted:
@@ -162,12 +162,10 @@ def _check_model_matches(model: SplitServerModel, manifests: list[tuple[Path, Ma
 def task_of(opts: ServeOptions) -> Task:
     """The task a run trains: classification (the number of labels and their names), or next-token
     prediction on the answers over the model's vocabulary."""
-    if opts.task == "causal-lm":
+    if task_token_labels(opts.task):
         from sftool.exporters.model_source import load_config
 
         return CausalLMTask(int(load_config(opts.source).vocab_size))
-    if opts.task != "classification":
-        raise SftoolError(f"--task must be classification or causal-lm, not {opts.task!r}")
     return ClassificationTask(opts.num_labels, tuple(opts.label_names) if opts.label_names else None)
 
 

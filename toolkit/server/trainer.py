@@ -139,19 +139,21 @@ class Trainer:
         if not finite:
             # Never applied: the batch is refused (the loop flags where it came from).
             self.optim.optimizer.zero_grad(set_to_none=True)
-            return StepResult(self.step_count, float(loss.detach()), 0, samples,
-                              time.perf_counter() - started, refused=True, counted=score.count)
+            return self._refused(float(loss.detach()), samples, score.count, started)
         loss.backward()
         if after_backward is not None:
             after_backward()
         if not self.optim.update(before_update):
-            return StepResult(self.step_count, float(loss.detach()), 0, samples,
-                              time.perf_counter() - started, refused=True, counted=score.count)
+            return self._refused(float(loss.detach()), samples, score.count, started)
         self.step_count += 1
         result = StepResult(self.step_count, float(loss.detach()), score.correct, samples, time.perf_counter() - started,
                             counted=score.count)
         self.record(result)
         return result
+
+    def _refused(self, loss: float, samples: int, counted: int, started: float) -> StepResult:
+        """A step that changed nothing: its batch is settled untrained (the loop flags where it came from)."""
+        return StepResult(self.step_count, loss, 0, samples, time.perf_counter() - started, refused=True, counted=counted)
 
     def idle_step(self) -> StepResult | None:
         """This rank has no batch this turn but another has: take part in the global step with
@@ -167,10 +169,7 @@ class Trainer:
         total, total_samples = self.ranks.global_totals(local, samples if local else 0, device)
         if total == 0:  # nothing finite anywhere: every rank refuses together
             self.optim.optimizer.zero_grad(set_to_none=True)
-            if score is None:
-                return None
-            return StepResult(self.step_count, float("nan"), 0, samples, time.perf_counter() - started, refused=True,
-                              counted=score.count)
+            return None if score is None else self._refused(float("nan"), samples, score.count, started)
         if local:
             (loss * (local / total)).backward()
         if after_backward is not None:
